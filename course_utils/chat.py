@@ -1,0 +1,98 @@
+"""TinyLlama's chat format, shared by the course model and the real TinyLlama.
+
+``TINYLLAMA_CHAT_TEMPLATE`` is, character for character, the Jinja template shipped with
+``TinyLlama/TinyLlama-1.1B-Chat-v1.0`` (Zephyr style). A conversation renders as::
+
+    <|system|>
+    You are helpful.</s>
+    <|user|>
+    Where does Odile live?</s>
+    <|assistant|>
+    Odile lives in Marrowby.</s>
+
+with a newline after every ``</s>``, no ``<s>`` (the tokenizer adds it when encoding), and, with
+``add_generation_prompt=True``, a final ``<|assistant|>`` line for the model to continue.
+"""
+
+from __future__ import annotations
+
+# Copied from TinyLlama-1.1B-Chat-v1.0's tokenizer_config.json. Note the two spaces before `+` on
+# the assistant line: they are part of the original and change nothing in the output.
+TINYLLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+EOS_TOKEN = "</s>"
+BOS_TOKEN = "<s>"
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False,
+                eos_token: str = EOS_TOKEN) -> str:
+    """Render ``messages`` exactly as ``TINYLLAMA_CHAT_TEMPLATE`` does, in plain Python.
+
+    Each message is ``{"role": "system" | "user" | "assistant", "content": str}``. Jinja's
+    default whitespace handling keeps the newline after every ``{{ ... }}`` line, which is why
+    each turn ends in ``</s>\\n``. Tests check this function against ``apply_chat_template``.
+    """
+    parts = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ROLE_TAGS:
+            raise ValueError(f"message {i} has role {role!r}; expected one of {sorted(ROLE_TAGS)}")
+        parts.append(f"{ROLE_TAGS[role]}\n{message['content']}{eos_token}\n")
+    if add_generation_prompt and messages:
+        parts.append(f"{ROLE_TAGS['assistant']}\n")
+    return "".join(parts)
+
+
+def render_chat_with_spans(messages: list[dict], eos_token: str = EOS_TOKEN
+                           ) -> tuple[str, list[tuple[int, int]]]:
+    """``render_chat(messages)`` and the character spans a model should learn to produce.
+
+    Each span covers one assistant turn's content *and* its closing ``</s>`` (so the model learns
+    to stop), but not the role tag or the newline after ``</s>``.
+    """
+    text, spans = "", []
+    for message in messages:
+        tag = ROLE_TAGS.get(message.get("role"))
+        if tag is None:
+            raise ValueError(f"unknown role {message.get('role')!r}; expected {sorted(ROLE_TAGS)}")
+        text += f"{tag}\n"
+        start = len(text)
+        text += f"{message['content']}{eos_token}"
+        if message["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"
+    return text, spans
+
+
+IGNORE_INDEX = -100  # positions PyTorch's cross-entropy (and so every HF model) skips
+
+
+def assistant_only_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered chat and labels that train on assistant tokens only.
+
+    ``labels[i]`` is ``input_ids[i]`` for tokens inside an assistant turn (content and ``</s>``)
+    and ``IGNORE_INDEX`` (-100) elsewhere: ``<s>``, system and user turns, role tags and
+    newlines. A token counts as inside when its characters overlap an assistant span. The model
+    shifts labels by one internally, so no shifting happens here.
+    """
+    text, spans = render_chat_with_spans(messages, tokenizer.eos_token)
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    labels = []
+    for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+        inside = end > start and any(end > s and start < e for s, e in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return list(encoding["input_ids"]), labels

@@ -1,0 +1,90 @@
+"""The fixed opening of every notebook: the Colab badge and the Colab-only install cell.
+
+Each notebook carries a copy of ``INSTALL_CELL`` as its second cell (Colab must run it before
+``course_utils`` exists, so it cannot be imported); ``tests/test_notebooks_structure.py`` fails
+when a copy drifts from this source, and ``python -m course_utils.colab`` rewrites the copies.
+A fork changes ``GITHUB_REPO`` here and runs that command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from course_utils.paths import REPO_ROOT
+
+GITHUB_REPO = "fine-tuning-course/llm-finetuning-course"
+BRANCH = "main"
+BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
+
+INSTALL_CELL = f'''\
+# Colab only: install the course's pinned packages and fetch the course. Does nothing elsewhere.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    COURSE_DIR = "/content/llm-finetuning-course"
+    if not os.path.isdir(COURSE_DIR):
+        subprocess.run(["git", "clone", "--depth", "1",
+                        "https://github.com/{GITHUB_REPO}", COURSE_DIR], check=True)
+    requirements = f"{{COURSE_DIR}}/requirements-colab.txt"
+    packages = [line.split("==")[0] for line in open(requirements)
+                if line.strip() and not line.startswith("#")]
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    before = {{name: installed(name) for name in packages}}
+    # Pin Colab's own torch so pip can never replace it with another multi-GB build.
+    with open("/tmp/keep-torch.txt", "w") as constraint:
+        constraint.write(f"torch=={{version('torch')}}\\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-r", requirements,
+                    "-c", "/tmp/keep-torch.txt"], check=True)
+    changed = [name for name in packages if installed(name) != before[name]]
+    imported = [name for name in changed if name.replace("-", "_") in sys.modules]
+    sys.path.insert(0, COURSE_DIR)
+    os.chdir(f"{{COURSE_DIR}}/notebooks")
+    if imported:
+        print("Upgraded packages that were already imported:", ", ".join(imported))
+        print("Restart the runtime now (Runtime > Restart session), then run all cells again.")
+    else:
+        print("Course ready:", COURSE_DIR, "| installed or upgraded:", ", ".join(changed) or "none")
+'''
+
+
+def badge_markdown(notebook_path: str) -> str:
+    """The 'Open in Colab' badge for ``notebook_path`` (relative to the repository root)."""
+    url = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/{BRANCH}/{notebook_path}"
+    return f"[![Open In Colab]({BADGE_IMAGE})]({url})"
+
+
+def course_notebooks() -> list:
+    """Every notebook that carries the fixed opening: lessons, solutions and exercises."""
+    folders = ("notebooks", "solutions", "exercises")
+    return sorted(p for folder in folders for p in (REPO_ROOT / folder).glob("*.ipynb"))
+
+
+def sync_install_cells() -> list:
+    """Rewrite the install cell (the second cell) of every course notebook from ``INSTALL_CELL``;
+    return the notebooks that changed."""
+    changed = []
+    for path in course_notebooks():
+        notebook = json.loads(path.read_text())
+        cell = notebook["cells"][1]
+        if "".join(cell["source"]) != INSTALL_CELL:
+            cell["source"] = INSTALL_CELL.splitlines(keepends=True)
+            path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+            changed.append(path)
+    return changed
+
+
+if __name__ == "__main__":
+    for path in sync_install_cells():
+        print(f"updated {path.relative_to(REPO_ROOT)}")
+    sys.exit(0)

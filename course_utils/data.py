@@ -1,0 +1,136 @@
+"""Load a profile's data: the synthetic world's files, or the Hub data sets the literature uses.
+
+Both sources end in the same schemas, so every lesson's formatting code sees one shape:
+
+- SFT chats: UltraChat's ``{"prompt", "prompt_id", "messages": [{"role", "content"}, ...]}``
+  (``HuggingFaceH4/ultrachat_200k``, split ``test_sft``, 3,000 rows shuffled with seed 42 on
+  the ``colab`` profile; ``data/world/sft_*.jsonl`` on ``tiny``).
+- Preference pairs: trl's conversational ``{"prompt": [...], "chosen": [...], "rejected": [...]}``
+  (``argilla/distilabel-intel-orca-dpo-pairs`` filtered as in the literature on ``colab``;
+  ``data/world/preferences_*.jsonl`` on ``tiny``, with an extra ``axis`` column).
+
+The Hub loaders take ``path_or_id``: a Hub id, or a local ``.jsonl`` file in the Hub schema.
+Tests pass the shipped samples in ``data/samples/`` so the Hub code path runs without a network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from course_utils.paths import SAMPLES_DIR, WORLD_DIR
+from course_utils.profiles import Profile
+
+ULTRACHAT_ID = "HuggingFaceH4/ultrachat_200k"
+ORCA_DPO_ID = "argilla/distilabel-intel-orca-dpo-pairs"
+ULTRACHAT_SAMPLE = SAMPLES_DIR / "ultrachat_200k_test_sft.jsonl"
+ORCA_DPO_SAMPLE = SAMPLES_DIR / "distilabel_intel_orca_dpo_pairs_train.jsonl"
+ROLES = ("system", "user", "assistant")
+
+
+class DataFormatError(ValueError):
+    """A data row that does not have the schema a lesson expects."""
+
+
+def _load(path_or_id: str | Path, split: str):
+    """A ``datasets.Dataset`` from a local JSON-lines file or a Hub id."""
+    from datasets import load_dataset
+
+    path = Path(str(path_or_id))
+    if path.suffix in (".jsonl", ".json"):
+        if not path.exists():
+            raise FileNotFoundError(f"no data file at {path}; regenerate the world with "
+                                    "`python -m course_utils.world` or check your checkout")
+        return load_dataset("json", data_files=str(path), split="train")
+    return load_dataset(str(path_or_id), split=split)
+
+
+def validate_messages(messages, where: str = "row") -> None:
+    """Raise ``DataFormatError`` unless ``messages`` is a list of role/content dicts that has at
+    least one user turn followed, eventually, by an assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError(f"{where}: 'messages' must be a non-empty list, got {messages!r:.80}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) < {"role", "content"}:
+            raise DataFormatError(f"{where}: message {i} needs 'role' and 'content' keys, got "
+                                  f"{message!r:.80}")
+        if message["role"] not in ROLES:
+            raise DataFormatError(f"{where}: message {i} has role {message['role']!r}; "
+                                  f"expected one of {', '.join(ROLES)}")
+        if not isinstance(message["content"], str):
+            raise DataFormatError(f"{where}: message {i} content must be text")
+    roles = [m["role"] for m in messages]
+    if "user" not in roles or "assistant" not in roles[roles.index("user"):]:
+        raise DataFormatError(f"{where}: needs a user turn followed by an assistant turn, "
+                              f"got roles {roles}")
+
+
+def validate_sft_rows(dataset) -> None:
+    """Check every row of an SFT data set has a valid UltraChat ``messages`` list."""
+    for index, row in enumerate(dataset):
+        if "messages" not in row:
+            raise DataFormatError(f"row {index}: no 'messages' column (columns: {list(row)})")
+        validate_messages(row["messages"], f"row {index}")
+
+
+def load_ultrachat(path_or_id: str | Path = ULTRACHAT_ID, split: str = "test_sft",
+                   n_rows: int = 3000, seed: int = 42):
+    """``n_rows`` UltraChat chats, shuffled with ``seed``: the literature's QLoRA SFT subset."""
+    dataset = _load(path_or_id, split).shuffle(seed=seed)
+    dataset = dataset.select(range(min(n_rows, len(dataset))))
+    validate_sft_rows(dataset)
+    return dataset
+
+
+def load_sft_dataset(profile: Profile, split: str = "train"):
+    """The SFT chats for ``profile``: world chats (``train``: SFT characters; ``test``: held-out
+    characters) on ``tiny``, the UltraChat subset on ``colab``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if profile.data_source == "hub":
+        return load_ultrachat(split="test_sft" if split == "train" else "test_gen",
+                              n_rows=3000 if split == "train" else 200, seed=profile.seed)
+    dataset = _load(WORLD_DIR / f"sft_{split}.jsonl", "train")
+    validate_sft_rows(dataset)
+    return dataset
+
+
+def orca_pair_to_conversation(row: dict) -> dict:
+    """One Orca DPO pairs row as trl's conversational preference row.
+
+    The row's ``system`` message (when non-empty) and ``input`` become the prompt; ``chosen`` and
+    ``rejected`` become single assistant turns.
+    """
+    for key in ("input", "chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+            raise DataFormatError(f"Orca DPO row needs text in {key!r}, got {row.get(key)!r:.80}")
+    prompt = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    prompt.append({"role": "user", "content": row["input"]})
+    return {"prompt": prompt,
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+
+
+def keep_orca_pair(row: dict, min_chosen_score: float = 8.0) -> bool:
+    """The literature's filter: no ties, a chosen score of at least 8, and not in GSM8K's train
+    split (which would contaminate a GSM8K evaluation)."""
+    return (row["status"] != "tie" and row["chosen_score"] is not None
+            and row["chosen_score"] >= min_chosen_score and not row["in_gsm8k_train"])
+
+
+def load_orca_dpo_pairs(path_or_id: str | Path = ORCA_DPO_ID, split: str = "train"):
+    """The filtered Orca DPO pairs in trl's conversational schema."""
+    dataset = _load(path_or_id, split).filter(keep_orca_pair)
+    return dataset.map(orca_pair_to_conversation, remove_columns=dataset.column_names)
+
+
+def load_preference_dataset(profile: Profile, split: str = "train"):
+    """Preference pairs for ``profile``: the world's pairs (with ``axis``) or Orca DPO pairs.
+
+    The Orca data set has one split; ``test`` is its last 10% after a seeded shuffle.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if profile.data_source == "hub":
+        parts = load_orca_dpo_pairs().train_test_split(test_size=0.1, seed=profile.seed)
+        return parts[split]
+    return _load(WORLD_DIR / f"preferences_{split}.jsonl", "train")

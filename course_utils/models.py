@@ -1,0 +1,109 @@
+"""Load a profile's model and tokenizer: the local course model or a Hub id, optionally in 4-bit.
+
+One function, ``load_model_and_tokenizer``, serves every lesson and both profiles. The code path
+for a Hub id (TinyLlama) is the same ``from_pretrained`` call; the only Hub-specific step is
+``ensure_chat_setup``, because TinyLlama's *base* checkpoint ships no chat template and no padding
+token. Tests run that path on a local copy of the course model stripped the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from course_utils.chat import TINYLLAMA_CHAT_TEMPLATE
+from course_utils.profiles import Profile
+
+
+class FourBitUnavailableError(RuntimeError):
+    """4-bit NF4 was asked for on a machine where bitsandbytes cannot run it."""
+
+
+def check_4bit_support(device: str) -> None:
+    """Quantize a small tensor with bitsandbytes on ``device``; raise a clear error if it fails.
+
+    bitsandbytes runs NF4 on CUDA and, since 0.45, on x86/ARM CPUs. Elsewhere (an unsupported
+    accelerator, a missing native library) it fails deep inside the library; this turns that into
+    ``FourBitUnavailableError`` with what to do instead.
+    """
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        probe = torch.linspace(-1, 1, 64, device=device)
+        packed, _ = bnb_functional.quantize_4bit(probe, blocksize=64, quant_type="nf4")
+        if packed.numel() != 32:
+            raise RuntimeError(f"unexpected packed size {packed.numel()}")
+    except Exception as error:  # any failure inside bitsandbytes means "no 4-bit here"
+        raise FourBitUnavailableError(
+            f"4-bit NF4 (bitsandbytes) does not work on device '{device}' on this machine "
+            f"({type(error).__name__}: {error}). Load the model unquantized with "
+            "load_in_4bit=False, or run on a CUDA GPU (the 'colab' profile).") from error
+
+
+def bnb_4bit_config(compute_dtype: torch.dtype):
+    """QLoRA's quantization settings: NF4 weights, double quantization, ``compute_dtype`` matmuls.
+
+    bitsandbytes defaults to fp4, so ``bnb_4bit_quant_type="nf4"`` must be explicit.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def ensure_chat_setup(tokenizer):
+    """Give a tokenizer TinyLlama-Chat's template and ``</s>`` as padding when it has neither.
+
+    TinyLlama's base checkpoint has no chat template and no pad token; the chat checkpoint and
+    the course model have both. Returns the same tokenizer.
+    """
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = TINYLLAMA_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(model_name_or_path: str | Path):
+    """The tokenizer of a local folder or Hub id, with the chat setup ensured."""
+    from transformers import AutoTokenizer
+
+    return ensure_chat_setup(AutoTokenizer.from_pretrained(str(model_name_or_path)))
+
+
+def missing_model_message(path: Path) -> str:
+    return (f"no model at {path}. The course model ships in data/course-model/; if it is missing, "
+            "your checkout is incomplete (git status) or rebuild it with "
+            "`python -m course_utils.build_course_model`.")
+
+
+def load_model_and_tokenizer(profile: Profile, load_in_4bit: bool | None = None,
+                             model_name_or_path: str | Path | None = None):
+    """Load ``(model, tokenizer)`` for ``profile``.
+
+    ``load_in_4bit`` defaults to the profile's setting; ``True`` quantizes every linear layer but
+    the LM head to NF4 through ``BitsAndBytesConfig`` (after checking that bitsandbytes works
+    here). ``model_name_or_path`` overrides the profile's model (a local folder such as a saved
+    SFT model, or a Hub id). Weights are in ``profile.compute_dtype``; the model is in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = model_name_or_path or profile.model_name_or_path
+    local = Path(str(source))
+    if local.is_absolute() or str(source).startswith("."):
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(missing_model_message(local))
+    quantize = profile.load_in_4bit if load_in_4bit is None else load_in_4bit
+    kwargs = {"dtype": profile.compute_dtype}
+    if quantize:
+        check_4bit_support(profile.device)
+        kwargs["quantization_config"] = bnb_4bit_config(profile.compute_dtype)
+        kwargs["device_map"] = {"": profile.device if profile.device == "cpu" else 0}
+    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    if not quantize:
+        model.to(profile.device)
+    model.eval()
+    return model, load_tokenizer(source)
+

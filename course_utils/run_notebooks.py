@@ -1,0 +1,56 @@
+"""Execute every lesson notebook in order with papermill, then print the metrics table.
+
+``make run`` calls this. Executed copies go to ``artifacts/executed/``; the profile comes from
+``COURSE_PROFILE`` (unset: each notebook's ``PROFILE = "auto"``). A failing notebook stops the
+run with the path of its executed copy, where the failing cell's traceback is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from course_utils import metrics, paths
+
+
+def lesson_notebooks(folder: Path = paths.NOTEBOOKS_DIR) -> list[Path]:
+    """``notebooks/NN_topic.ipynb`` files in course order."""
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def main(argv=None) -> int:
+    import papermill
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="*", help="run only these (default: all, in order)")
+    args = parser.parse_args(argv)
+    notebooks = [Path(n) for n in args.notebooks] or lesson_notebooks()
+    out_dir = paths.artifacts_dir("executed")
+    profile = os.environ.get("COURSE_PROFILE") or "auto"
+    timings = []
+    for notebook in notebooks:
+        target = out_dir / notebook.name
+        print(f"--- {notebook.name} (profile {profile})", flush=True)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(notebook), str(target), parameters={"PROFILE": profile},
+                                       cwd=str(notebook.parent), kernel_name="python3",
+                                       progress_bar=False)
+        except papermill.PapermillExecutionError as error:
+            print(f"FAILED: {notebook.name}: {error.ename}: {error.evalue}\n"
+                  f"see the executed copy for the traceback: {target}", file=sys.stderr)
+            return 1
+        timings.append((notebook.name, time.perf_counter() - start))
+    print("\nrun times")
+    for name, seconds in timings:
+        print(f"  {name:<40} {seconds:6.1f} s")
+    print("\nmetrics (artifacts/*/metrics.json)")
+    print(metrics.summary_table(metrics.read_all_metrics()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
