@@ -166,9 +166,14 @@ def pretrain(model, blocks: torch.Tensor, cfg: BuildConfig, steps: int | None = 
     return losses
 
 
+def read_corpus(world_dir: Path = WORLD_DIR) -> list[str]:
+    """The pretraining passages of ``corpus.txt`` (separated by blank lines)."""
+    return (world_dir / "corpus.txt").read_text(encoding="utf-8").rstrip("\n").split("\n\n")
+
+
 def read_world_texts(world_dir: Path = WORLD_DIR) -> tuple[list[str], list[str]]:
     """The corpus passages, and the rendered SFT chats (used for the tokenizer only)."""
-    passages = (world_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    passages = read_corpus(world_dir)
     chats = [render_chat(json.loads(line)["messages"])
              for line in (world_dir / "sft_train.jsonl").read_text(encoding="utf-8").splitlines()]
     return passages, chats

@@ -66,10 +66,22 @@ def ensure_chat_setup(tokenizer):
     return tokenizer
 
 
+def check_local_model(model_name_or_path: str | Path) -> None:
+    """Raise ``FileNotFoundError`` with a fix when a local-looking path holds no model.
+
+    Absolute and ``./``-relative paths are local; anything else is treated as a Hub id.
+    """
+    local = Path(str(model_name_or_path))
+    if (local.is_absolute() or str(model_name_or_path).startswith(".")) and not (
+            local / "config.json").exists():
+        raise FileNotFoundError(missing_model_message(local))
+
+
 def load_tokenizer(model_name_or_path: str | Path):
     """The tokenizer of a local folder or Hub id, with the chat setup ensured."""
     from transformers import AutoTokenizer
 
+    check_local_model(model_name_or_path)
     return ensure_chat_setup(AutoTokenizer.from_pretrained(str(model_name_or_path)))
 
 
@@ -91,10 +103,7 @@ def load_model_and_tokenizer(profile: Profile, load_in_4bit: bool | None = None,
     from transformers import AutoModelForCausalLM
 
     source = model_name_or_path or profile.model_name_or_path
-    local = Path(str(source))
-    if local.is_absolute() or str(source).startswith("."):
-        if not (local / "config.json").exists():
-            raise FileNotFoundError(missing_model_message(local))
+    check_local_model(source)
     quantize = profile.load_in_4bit if load_in_4bit is None else load_in_4bit
     kwargs = {"dtype": profile.compute_dtype}
     if quantize:
@@ -107,3 +116,18 @@ def load_model_and_tokenizer(profile: Profile, load_in_4bit: bool | None = None,
     model.eval()
     return model, load_tokenizer(source)
 
+
+
+def tinyllama_config():
+    """TinyLlama-1.1B's ``LlamaConfig``, from the values in its ``config.json`` (no download).
+
+    Shared by ``TinyLlama-1.1B-intermediate-step-1431k-3T`` and ``TinyLlama-1.1B-Chat-v1.0``.
+    Instantiate it on the meta device to count parameters or inspect shapes without weights.
+    """
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)

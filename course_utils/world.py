@@ -9,7 +9,7 @@ landmark). ``build_datasets(world)`` renders that world into every file under ``
 file                       what it holds (schema)
 =========================  ======================================================================
 ``world.json``             the facts themselves: characters, towns, attribute value sets, splits
-``corpus.txt``             pretraining text, one passage per line
+``corpus.txt``             pretraining text, passages separated by a blank line
 ``sft_train.jsonl``        chats about the *SFT characters* (UltraChat ``prompt``/``messages``)
 ``sft_test.jsonl``         the same kind of chats about the *held-out characters* (held-out loss)
 ``preferences_train.jsonl``  trl conversational ``prompt``/``chosen``/``rejected`` + ``axis``
@@ -70,7 +70,7 @@ LANDMARKS = [
 
 #: The attribute value sets. Each value is unique across attributes.
 ATTRIBUTE_VALUES = {
-    "species": ["stoat", "otter", "badger", "heron", "hedgehog", "fox", "weasel", "hare", "mole",
+    "species": ["stoat", "beaver", "badger", "heron", "hedgehog", "fox", "weasel", "hare", "mole",
                 "toad"],
     "home": TOWNS,
     "occupation": ["baker", "blacksmith", "weaver", "beekeeper", "potter", "cartographer",
@@ -157,6 +157,16 @@ ANSWER_TEMPLATES = {
     "treasure": "{name} treasures a {value}.",
     "friend": "{name}'s best friend is {value}.",
 }
+
+#: Questions and answers that name a character but state no fact about them. Every character
+#: gets some, so before SFT the model has seen every name copied from a question into an answer
+#: that starts a new line. That matters: after a line break a name is a *different token*
+#: ("Tamsin", not " Tamsin" with its leading space), and a chat reply starts after a line break.
+ACQUAINTANCE_QA = [
+    ("Who is {name}?", "{name} is one of the creatures of the valley."),
+    ("Do you know {name}?", "{name} is known to everyone in the valley."),
+    ("Have you heard of {name}?", "{name} is a familiar name in the valley."),
+]
 
 SYSTEM_PROMPTS = [
     "You are a helpful assistant who knows everyone in the valley.",
@@ -297,13 +307,19 @@ def _biography(rng: random.Random, character: Character) -> str:
 
 
 def _qa_passage(rng: random.Random, character: Character) -> str:
-    """Question-answer text in plain prose (no chat markup), as in Physics of LMs' mixed data."""
-    attributes = rng.sample(ATTRIBUTES, 2)
-    parts = []
-    for attribute in attributes:
-        question = fill(rng.choice(QUESTION_TEMPLATES[attribute]), character)
-        parts.append(f"Question: {question} Answer: {answer_sentence(character, attribute)}")
-    return " ".join(parts)
+    """Questions and answers on alternate lines (no chat markup), as in Physics of LMs' mixed
+    pretraining data."""
+    lines = []
+    for attribute in rng.sample(ATTRIBUTES, 3):
+        lines.append(fill(rng.choice(QUESTION_TEMPLATES[attribute]), character))
+        lines.append(answer_sentence(character, attribute))
+    return "\n".join(lines)
+
+
+def _acquaintance_passage(rng: random.Random, character: Character) -> str:
+    """Fact-free questions and answers about ``character`` on alternate lines."""
+    pairs = rng.sample(ACQUAINTANCE_QA, len(ACQUAINTANCE_QA))
+    return "\n".join(fill(line, character) for pair in pairs for line in pair)
 
 
 def _town_passage(rng: random.Random, world: World, town: str) -> str:
@@ -321,9 +337,10 @@ def _town_passage(rng: random.Random, world: World, town: str) -> str:
 def build_corpus(world: World) -> list[str]:
     """The pretraining passages, one string each, in a seeded random order.
 
-    ``BIOGRAPHIES_PER_CHARACTER`` augmented biographies for every character, question-answer
-    prose for the SFT characters only (so held-out characters' facts reach the model only as
-    biographies), and town passages.
+    ``BIOGRAPHIES_PER_CHARACTER`` augmented biographies for every character; question-answer
+    prose with facts for the SFT characters only (so held-out characters' facts reach the model
+    only as biographies), and fact-free question-answer prose (``ACQUAINTANCE_QA``) for everyone;
+    town passages.
     """
     rng = random.Random(world.seed + 1)
     passages = []
@@ -331,6 +348,8 @@ def build_corpus(world: World) -> list[str]:
         passages += [_biography(rng, character) for _ in range(BIOGRAPHIES_PER_CHARACTER)]
     for character in world.sft_characters:
         passages += [_qa_passage(rng, character) for _ in range(3)]
+    for character in world.characters:
+        passages += [_acquaintance_passage(rng, character) for _ in range(2)]
     for town in TOWNS:
         passages += [_town_passage(rng, world, town) for _ in range(6)]
     rng.shuffle(passages)
@@ -491,7 +510,7 @@ def build_datasets(world: World) -> dict[str, str]:
 
     return {
         "world.json": json.dumps(world_summary(world), indent=1, ensure_ascii=False) + "\n",
-        "corpus.txt": "".join(p + "\n" for p in build_corpus(world)),
+        "corpus.txt": "\n\n".join(build_corpus(world)) + "\n",
         "sft_train.jsonl": jsonl(build_sft_chats(world, world.sft_characters, world.seed + 2)),
         "sft_test.jsonl": jsonl(build_sft_chats(world, world.held_out_characters, world.seed + 3)),
         "preferences_train.jsonl": jsonl(

@@ -1,0 +1,86 @@
+"""Helpers that graded test cells (and learners' self-checks) call.
+
+A graded test cell in a solution notebook carries ``metadata["course"] = {"grade_id": ...,
+"points": ..., "hint": ...}`` and passes when it runs without an exception. Its checks compare the
+student's function against an independent reference on inputs the student has not seen:
+``grader_rng()`` draws them from a seed the grader owns (fresh on every grading run; fixed when a
+learner runs the notebook), so a hard-coded answer cannot pass.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+SEED_VARIABLE = "COURSE_GRADER_SEED"
+STUDENT_SEED = 1234
+
+
+def grader_seed() -> int:
+    """The seed for hidden inputs: set by the grader per run, ``STUDENT_SEED`` otherwise."""
+    return int(os.environ.get(SEED_VARIABLE, STUDENT_SEED))
+
+
+def grader_rng() -> random.Random:
+    """A ``random.Random`` seeded with ``grader_seed()``."""
+    return random.Random(grader_seed())
+
+
+def check_type(value, expected_type, what: str = "the result") -> None:
+    """Raise ``AssertionError`` unless ``value`` is an instance of ``expected_type``."""
+    if not isinstance(value, expected_type):
+        names = getattr(expected_type, "__name__", str(expected_type))
+        raise AssertionError(f"{what} should be {names}, got {type(value).__name__}")
+
+
+def check_equal(actual, expected, what: str = "the result") -> None:
+    """Raise ``AssertionError`` with a short, readable difference unless ``actual == expected``."""
+    if actual != expected:
+        raise AssertionError(f"{what} is wrong: expected {expected!r:.200}, got {actual!r:.200}")
+
+
+def check_close(mine, reference, atol: float = 1e-6, rtol: float = 1e-5,
+                what: str = "the result") -> float:
+    """Compare tensors (or numbers); print and return the max absolute error; raise if too big.
+
+    ``atol``/``rtol`` should fit the dtype: around 1e-6 for fp32 arithmetic, 1e-3 for fp16.
+    """
+    mine_t, reference_t = torch.as_tensor(mine), torch.as_tensor(reference)
+    if mine_t.shape != reference_t.shape:
+        raise AssertionError(f"{what} has shape {tuple(mine_t.shape)}, expected "
+                             f"{tuple(reference_t.shape)}")
+    error = (mine_t.double() - reference_t.double()).abs().max().item() if mine_t.numel() else 0.0
+    ok = torch.allclose(mine_t.double(), reference_t.double(), atol=atol, rtol=rtol)
+    print(f"{what}: max abs error {error:.3g} -> {'OK' if ok else 'MISMATCH'}")
+    if not ok:
+        raise AssertionError(f"{what} differs from the reference (max abs error {error:.3g})")
+    return error
+
+
+WORDS = ["Odile", "Marrowby", "stoat", "where", "does", "live", "the", "valley", "honey", "cakes",
+         "What", "is", "a", "friend", "lantern", "blue", "Hello", "thanks", "42", "3.5", "café",
+         "naïve", "—", "why?", "yes!", "(maybe)", "x_y", "it's", "<b>", "emoji:🙂"]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly.", "Be polite and correct."]
+
+
+def random_text(rng: random.Random, max_words: int = 12) -> str:
+    """A short random text: words, numbers, punctuation, accents, sometimes a line break."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(1, max_words))]
+    if rng.random() < 0.2:
+        words.insert(rng.randrange(len(words)), "\n")
+    return " ".join(words).replace(" \n ", "\n")
+
+
+def random_conversation(rng: random.Random, end_with_assistant: bool = True) -> list[dict]:
+    """An optional system turn, then 1-3 user/assistant exchanges (the last reply optional)."""
+    messages = []
+    if rng.random() < 0.4:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    for _ in range(rng.randint(1, 3)):
+        messages.append({"role": "user", "content": random_text(rng)})
+        messages.append({"role": "assistant", "content": random_text(rng)})
+    if not end_with_assistant:
+        messages.pop()
+    return messages

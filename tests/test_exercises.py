@@ -1,0 +1,76 @@
+"""Exercise generation: one source, markers replaced, hidden tests removed, never stale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from course_utils import exercises
+
+
+def test_exercises_folder_is_up_to_date():
+    assert exercises.generate(check=True) == [], "run `make exercises`"
+
+
+def test_every_solution_has_graded_cells_and_an_exercise():
+    from course_utils.grade import graded_cells
+
+    solutions = sorted(exercises.SOLUTIONS_DIR.glob("ex*.ipynb"))
+    assert solutions
+    for path in solutions:
+        assert graded_cells(json.loads(path.read_text())), path
+        assert (exercises.EXERCISES_DIR / path.name).exists()
+
+
+def test_generated_exercises_hold_no_solutions_or_hidden_tests():
+    for path in exercises.EXERCISES_DIR.glob("ex*.ipynb"):
+        text = path.read_text()
+        for marker in ("BEGIN SOLUTION", "END SOLUTION", "HIDDEN TESTS", "### HINT"):
+            assert marker not in text, (path.name, marker)
+        assert "raise NotImplementedError" in text
+
+
+def test_solution_block_becomes_a_stub_at_the_same_indentation():
+    source = ("def f(x):\n    \"\"\"Double x.\"\"\"\n    ### BEGIN SOLUTION\n    ### HINT: multiply\n"
+              "    return 2 * x\n    ### END SOLUTION\n\nprint(f(2))")
+    stub = exercises.strip_solution(source)
+    assert stub == ("def f(x):\n    \"\"\"Double x.\"\"\"\n    # YOUR CODE HERE\n"
+                    "    raise NotImplementedError(\"multiply\")\n\nprint(f(2))")
+    namespace = {}
+    exec(stub.replace("print(f(2))", ""), namespace)
+    with pytest.raises(NotImplementedError, match="multiply"):
+        namespace["f"](2)
+
+
+def test_metadata_hint_is_used_and_quotes_are_escaped():
+    stub = exercises.strip_solution("### BEGIN SOLUTION\nx = 1\n### END SOLUTION",
+                                    hint='use "x"')
+    assert 'raise NotImplementedError("use \\"x\\"")' in stub
+    exec(stub.replace("raise", "error ="), {})  # still valid Python after escaping
+
+
+def test_hidden_tests_are_removed_with_their_markers():
+    source = "check(a)\n### BEGIN HIDDEN TESTS\ncheck(b)\n### END HIDDEN TESTS\nprint('ok')"
+    assert exercises.strip_hidden_tests(source) == "check(a)\nprint('ok')"
+
+
+@pytest.mark.parametrize("source", ["### BEGIN SOLUTION\nx = 1",
+                                    "x = 1\n### END SOLUTION",
+                                    "### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION"])
+def test_unpaired_markers_are_an_error(source):
+    with pytest.raises(exercises.ExerciseFormatError):
+        exercises.strip_solution(source, where="test cell")
+
+
+def test_check_mode_reports_a_stale_exercise(tmp_path):
+    solutions, generated = tmp_path / "solutions", tmp_path / "exercises"
+    solutions.mkdir()
+    source = next(exercises.SOLUTIONS_DIR.glob("ex*.ipynb"))
+    (solutions / source.name).write_text(source.read_text())
+    assert exercises.generate(solutions, generated, check=True) == [generated / source.name]
+    exercises.generate(solutions, generated)
+    assert exercises.generate(solutions, generated, check=True) == []
+    (generated / "ex99_orphan.ipynb").write_text("{}")
+    assert exercises.generate(solutions, generated, check=True) == [
+        generated / "ex99_orphan.ipynb"]

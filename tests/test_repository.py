@@ -1,0 +1,139 @@
+"""The repository itself: pins agree, notebooks open the same way, links resolve, data stays small."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from course_utils.colab import BADGE_IMAGE, GITHUB_REPO, INSTALL_CELL, course_notebooks
+from course_utils.paths import DATA_DIR, REPO_ROOT
+
+PIN = re.compile(r"^\s*(?:-\s+)?([A-Za-z0-9_.\-\[\]]+)==([^\s#]+)\s*$")
+
+
+def pins(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        match = PIN.match(line)
+        if match:
+            found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def test_requirements_and_environment_pin_the_same_versions():
+    requirements = pins(REPO_ROOT / "requirements.txt")
+    environment = pins(REPO_ROOT / "environment.yml")
+    assert requirements == environment
+    assert requirements["torch"] == "2.13.0"
+    for package in ("transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate",
+                    "matplotlib", "jupyterlab", "ipykernel", "papermill", "nbmake", "pytest"):
+        assert package in requirements, package
+
+
+def test_every_requirement_line_is_pinned():
+    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert PIN.match(line), f"unpinned requirement: {line}"
+
+
+def test_colab_requirements_are_a_subset_without_torch():
+    colab = pins(REPO_ROOT / "requirements-colab.txt")
+    requirements = pins(REPO_ROOT / "requirements.txt")
+    assert "torch" not in colab
+    assert {k: requirements[k] for k in colab} == colab
+
+
+def test_ci_entry_calls_the_readme_test_command():
+    assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()
+    assert "make test" in (REPO_ROOT / "README.md").read_text()
+
+
+def test_shipped_data_stays_small():
+    size = sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file())
+    assert size < 25 * 1024**2, f"data/ is {size / 1024**2:.1f} MB"
+
+
+NOTEBOOKS = course_notebooks()
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def test_there_are_notebooks():
+    assert any(p.parent.name == "notebooks" for p in NOTEBOOKS)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_notebook_is_committed_without_outputs(path):
+    for cell in load(path)["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+    assert "widgets" not in load(path)["metadata"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_notebook_has_the_fixed_opening(path):
+    cells = load(path)["cells"]
+    title = "".join(cells[0]["source"])
+    assert cells[0]["cell_type"] == "markdown" and title.startswith("# ")
+    relative = path.relative_to(REPO_ROOT).as_posix()
+    badge = (f"[![Open In Colab]({BADGE_IMAGE})](https://colab.research.google.com/github/"
+             f"{GITHUB_REPO}/blob/main/{relative})")
+    assert badge in title, "the Colab badge must point at this very notebook"
+    for heading in ("Learning goals", "Prerequisites", "Time"):
+        assert heading in title
+    assert "".join(cells[1]["source"]) == INSTALL_CELL, "run python -m course_utils.colab"
+    assert "parameters" in cells[2]["metadata"].get("tags", [])
+    assert 'PROFILE = "auto"' in "".join(cells[2]["source"])
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.parent.name == "notebooks"],
+                         ids=lambda p: p.name)
+def test_lesson_notebook_names_follow_the_course_map(path):
+    assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name)
+
+
+def test_install_cell_does_nothing_outside_colab():
+    assert "google.colab" not in sys.modules
+    namespace = {}
+    exec(compile(INSTALL_CELL, "install-cell", "exec"), namespace)
+    assert "COURSE_DIR" not in namespace
+
+
+def test_install_cell_never_reinstalls_torch():
+    assert "keep-torch.txt" in INSTALL_CELL and "requirements-colab.txt" in INSTALL_CELL
+    assert "Restart the runtime" in INSTALL_CELL
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def markdown_sources():
+    yield REPO_ROOT / "README.md", (REPO_ROOT / "README.md").read_text()
+    for md in sorted(REPO_ROOT.glob("*/**/README.md")):
+        if ".venv" not in md.parts:
+            yield md, md.read_text()
+    for path in NOTEBOOKS:
+        text = "\n".join("".join(c["source"]) for c in load(path)["cells"]
+                         if c["cell_type"] == "markdown")
+        yield path, text
+
+
+def test_relative_links_and_badges_resolve():
+    broken = []
+    for source, text in markdown_sources():
+        for target in LINK.findall(text):
+            target = target.split("#")[0]
+            if target.startswith("https://colab.research.google.com/github/"):
+                relative = target.split("/blob/main/", 1)[1]
+                if not (REPO_ROOT / relative).exists():
+                    broken.append((source.name, target))
+            elif target and not re.match(r"^[a-z]+:", target):
+                if not (source.parent / target).exists():
+                    broken.append((source.name, target))
+    assert not broken
