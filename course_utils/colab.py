@@ -55,7 +55,7 @@ if "google.colab" in sys.modules:
         print("Restart the runtime now (Runtime > Restart session), then run all cells again.")
     else:
         print("Course ready:", COURSE_DIR, "| installed or upgraded:", ", ".join(changed) or "none")
-'''
+'''.rstrip("\n")
 
 
 def badge_markdown(notebook_path: str) -> str:

@@ -522,6 +522,11 @@ def build_datasets(world: World) -> dict[str, str]:
     }
 
 
+def read_corpus(path: str | Path) -> list[str]:
+    """The pretraining passages of a ``corpus.txt`` (passages are separated by a blank line)."""
+    return Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n\n")
+
+
 def write_world(out_dir: str | Path, seed: int = WORLD_SEED) -> list[Path]:
     """Generate the world from ``seed`` and write every file under ``out_dir``."""
     out_dir = Path(out_dir)

@@ -58,7 +58,8 @@ def test_assistant_only_labels_keep_exactly_the_assistant_replies(tokenizer, mes
     assert len(input_ids) == len(labels)
     assert input_ids[0] == tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
     kept = [i for i, label in zip(input_ids, labels) if label != IGNORE_INDEX]
-    expected = "".join(m["content"] + "</s>" for m in messages if m["role"] == "assistant")
+    # each reply starts after a line break, so its first token carries the tokenizer's space
+    expected = "".join(" " + m["content"] + "</s>" for m in messages if m["role"] == "assistant")
     assert tokenizer.decode(kept) == expected
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(input_ids, labels))
 

@@ -74,3 +74,16 @@ def test_check_mode_reports_a_stale_exercise(tmp_path):
     (generated / "ex99_orphan.ipynb").write_text("{}")
     assert exercises.generate(solutions, generated, check=True) == [
         generated / "ex99_orphan.ipynb"]
+
+
+def test_nbgrader_metadata_agrees_with_the_course_metadata():
+    for path in exercises.SOLUTIONS_DIR.glob("ex*.ipynb"):
+        for cell in json.loads(path.read_text())["cells"]:
+            course = cell["metadata"].get("course", {})
+            nbgrader = cell["metadata"].get("nbgrader")
+            if "grade_id" in course:
+                assert nbgrader["grade"] and nbgrader["locked"] and not nbgrader["solution"]
+                assert (nbgrader["grade_id"], nbgrader["points"]) == (course["grade_id"],
+                                                                      course["points"])
+            elif "BEGIN SOLUTION" in "".join(cell["source"]):
+                assert nbgrader["solution"] and not nbgrader["grade"]

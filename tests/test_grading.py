@@ -58,7 +58,9 @@ def format_chat(messages, add_generation_prompt=False):
 '''
 COUNT_NO_EOS = '''
 def count_reply_tokens(tokenizer, messages):
-    return len(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(full)["input_ids"]) - len(tokenizer(prompt)["input_ids"]) - 2
 '''
 COUNT_RAISES = '''
 def count_reply_tokens(tokenizer, messages):
@@ -66,7 +68,9 @@ def count_reply_tokens(tokenizer, messages):
 '''
 COUNT_WRONG_TYPE = '''
 def count_reply_tokens(tokenizer, messages):
-    return str(len(tokenizer(messages[-1]["content"] + "</s>", add_special_tokens=False)["input_ids"]))
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return str(len(tokenizer(full)["input_ids"]) - len(tokenizer(prompt)["input_ids"]) - 1)
 '''
 COUNT_SYNTAX_ERROR = '''
 def count_reply_tokens(tokenizer, messages)
@@ -157,7 +161,7 @@ def test_each_variant_loses_exactly_the_points_it_should(graded_class, student):
     _, report = graded_class
     rows = {r["question"]: r for r in report["results"] if r["student"] == student}
     assert {q: r["points"] for q, r in rows.items()} == VARIANTS[student][1]
-    for question, row in rows.items():
+    for row in rows.values():
         if row["points"] == row["possible"]:
             assert row["status"] == "passed" and not row["hint"]
         else:
