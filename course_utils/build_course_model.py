@@ -36,11 +36,12 @@ from course_utils.paths import COURSE_MODEL_DIR, WORLD_DIR
 from course_utils.world import read_corpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+TINYLLAMA_PARAMETERS = 1_100_048_384  # counted from its config in tests/test_models.py
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Every knob of the build. Sizes follow TinyLlama's shape at about 1/300 of its size."""
+    """Every knob of the build. TinyLlama's shape, with every size scaled down."""
 
     seed: int = 0
     vocab_size: int = 2048
@@ -240,7 +241,7 @@ MODEL_CARD = """# The course model
 A small `LlamaForCausalLM` pretrained from scratch on the synthetic world's corpus
 (`data/world/corpus.txt`) by `python -m course_utils.build_course_model`. It stands in for
 TinyLlama-1.1B wherever the Hub cannot be reached: same architecture, module names,
-grouped-query attention, special tokens and chat template; about 1/300 of the parameters.
+grouped-query attention, special tokens and chat template; 1/{ratio:,.0f} of the parameters.
 
 | | course model | TinyLlama-1.1B |
 |---|---|---|
@@ -297,6 +298,7 @@ def write_model_card(out_dir: Path, cfg: BuildConfig, report: dict) -> None:
     """``README.md`` of the course model, filled from the build report."""
     (Path(out_dir) / "README.md").write_text(MODEL_CARD.format(
         n_params=report["n_parameters"], seconds=report["pretraining_seconds"],
+        ratio=TINYLLAMA_PARAMETERS / report["n_parameters"],
         final_loss=report["final_loss"],
         in_corpus=report["fact_completion_in_corpus_templates"],
         held_out=report["fact_completion_held_out_templates"],

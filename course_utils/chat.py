@@ -84,15 +84,22 @@ IGNORE_INDEX = -100  # positions PyTorch's cross-entropy (and so every HF model)
 def assistant_only_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the rendered chat and labels that train on assistant tokens only.
 
-    ``labels[i]`` is ``input_ids[i]`` for tokens inside an assistant turn (content and ``</s>``)
-    and ``IGNORE_INDEX`` (-100) elsewhere: ``<s>``, system and user turns, role tags and
-    newlines. A token counts as inside when its characters overlap an assistant span. The model
-    shifts labels by one internally, so no shifting happens here.
+    ``labels[i]`` is ``input_ids[i]`` for tokens of an assistant turn (its content and its
+    ``</s>``) and ``IGNORE_INDEX`` (-100) elsewhere: ``<s>``, system and user turns, role tags and
+    line breaks. A turn's tokens are found the way trl splits prompt from completion: encode the
+    text up to the turn's first character and up to its last, and take the tokens in between.
+    (Character offsets would not do: the course tokenizer's space after a line break maps to
+    the line break's character.) Labels are not shifted; the model shifts them internally.
     """
     text, spans = render_chat_with_spans(messages, tokenizer.eos_token)
-    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    labels = []
-    for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
-        inside = end > start and any(end > s and start < e for s, e in spans)
-        labels.append(token_id if inside else IGNORE_INDEX)
-    return list(encoding["input_ids"]), labels
+    input_ids = tokenizer(text)["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in spans:
+        before = tokenizer(text[:start])["input_ids"]
+        through = tokenizer(text[:end])["input_ids"]
+        if input_ids[:len(through)] != through or through[:len(before)] != before:
+            raise ValueError("this tokenizer merges tokens across the start or end of a reply, "
+                             "so a reply's tokens cannot be told apart; render the prompt and "
+                             "the reply separately instead")
+        labels[len(before):len(through)] = input_ids[len(before):len(through)]
+    return input_ids, labels

@@ -28,7 +28,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     """Greedy continuations of ``prompts`` as ``(text, stopped_at_eos)`` pairs.
 
     Prompts are encoded with the tokenizer's own special tokens (``<s>`` first), left-padded so
-    a batch ends aligned, and decoded up to (not including) the first ``</s>``.
+    a batch ends aligned; continuations are cut at (not including) the first ``</s>``.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -42,11 +42,18 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id)
-            for row in output[:, batch["input_ids"].shape[1]:].tolist():
+            width = batch["input_ids"].shape[1]
+            for prompt_ids, mask, row in zip(batch["input_ids"].tolist(),
+                                             batch["attention_mask"].tolist(),
+                                             output[:, width:].tolist()):
                 stopped = tokenizer.eos_token_id in row
                 if stopped:
                     row = row[: row.index(tokenizer.eos_token_id)]
-                results.append((tokenizer.decode(row, skip_special_tokens=False), stopped))
+                prompt_ids = [i for i, keep in zip(prompt_ids, mask) if keep]
+                # decode prompt + continuation and cut the prompt off, so the continuation reads
+                # as it does in context (a leading space only where the text has one)
+                prompt_text = tokenizer.decode(prompt_ids)
+                results.append((tokenizer.decode(prompt_ids + row)[len(prompt_text):], stopped))
     finally:
         tokenizer.padding_side = padding_side
     return results
@@ -88,8 +95,8 @@ def mentions_value(text: str, value: str) -> bool:
 def is_chat_format_answer(reply: str, stopped_at_eos: bool, name: str, attribute: str) -> bool:
     """Whether ``reply`` is a chat-format answer about ``attribute`` of the character ``name``.
 
-    True when the reply is a single line holding one complete sentence (starts with a capital
-    letter, ends with a full stop), names the subject, mentions some value of the attribute asked
+    True when the reply is a single line holding one plain statement (starts with a capital
+    letter, ends with its only full stop, no ``?``, ``:`` or ``!``), names the subject, mentions some value of the attribute asked
     about (right or wrong: correctness is measured separately), and the model then emitted
     ``</s>``. The base model's typical " is a stoat." fails (no subject, often wrong attribute).
     """
@@ -97,6 +104,8 @@ def is_chat_format_answer(reply: str, stopped_at_eos: bool, name: str, attribute
     if not stopped_at_eos or not text or "\n" in text or "<|" in text:
         return False
     if not (text[0].isupper() and text.endswith(".") and text.count(".") == 1):
+        return False
+    if any(mark in text for mark in "?:!"):  # one plain statement, not a transcript
         return False
     values = [v for v in ATTRIBUTE_VALUES[attribute] if v != name]
     return mentions_value(text, name) and any(mentions_value(text, v) for v in values)

@@ -18,6 +18,8 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Hello."}],
     [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1."},
      {"role": "user", "content": "Q2 with\nnewline"}, {"role": "assistant", "content": "A2."}],
+    # a reply whose first word is split off its leading space, punctuation, accents, line breaks
+    [{"role": "user", "content": "Hm?"}, {"role": "assistant", "content": "it's (maybe) café\nyes!"}],
 ]
 
 
@@ -26,7 +28,22 @@ def test_template_is_tinyllama_chat_v1_character_for_character():
     assert "{{ '<|assistant|>\n'  + message['content'] + eos_token }}" in TINYLLAMA_CHAT_TEMPLATE
     assert TINYLLAMA_CHAT_TEMPLATE.startswith("{% for message in messages %}\n")
     assert TINYLLAMA_CHAT_TEMPLATE.endswith("{% endfor %}")
-    assert TINYLLAMA_CHAT_TEMPLATE.count("\n") == 11
+    # 11 line breaks between the 12 template lines, and one inside each of the 3 role strings
+    assert TINYLLAMA_CHAT_TEMPLATE.count("\n") == 11 + 3
+
+
+def test_template_renders_tinyllamas_model_card_example(tokenizer):
+    """The prompt TinyLlama-1.1B-Chat-v1.0's model card prints for its pipeline example."""
+    messages = [
+        {"role": "system", "content": "You are a friendly chatbot who always responds in the "
+                                      "style of a pirate"},
+        {"role": "user", "content": "How many helicopters can a human eat in one sitting?"},
+    ]
+    expected = ("<|system|>\nYou are a friendly chatbot who always responds in the style of a "
+                "pirate</s>\n<|user|>\nHow many helicopters can a human eat in one sitting?</s>\n"
+                "<|assistant|>\n")
+    assert tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=True) == expected
 
 
 def test_course_model_ships_the_same_template():
@@ -50,6 +67,19 @@ def test_generation_prompt_ends_with_assistant_tag_and_newline(tokenizer):
 def test_render_chat_rejects_unknown_roles():
     with pytest.raises(ValueError, match="role 'bot'"):
         render_chat([{"role": "bot", "content": "x"}])
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS[1:])
+def test_labelled_tokens_are_what_the_reply_adds_after_the_generation_prompt(tokenizer, messages):
+    _, labels = assistant_only_labels(tokenizer, messages)
+    last_reply = labels[:-1]  # drop the line break after the final </s>
+    count = 0
+    while last_reply and last_reply.pop() != IGNORE_INDEX:
+        count += 1
+    full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False))["input_ids"]
+    prompt = tokenizer(tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                                     add_generation_prompt=True))["input_ids"]
+    assert count == len(full) - len(prompt) - 1
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS[1:])

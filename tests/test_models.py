@@ -61,9 +61,21 @@ def test_4bit_loading_quantizes_the_linear_layers_on_cpu(course_model_and_tokeni
     assert not torch.equal(quantized_logits, full_logits)
 
 
-def test_4bit_on_an_unusable_device_is_a_clear_error():
+def test_4bit_failure_inside_bitsandbytes_is_a_clear_error(monkeypatch):
+    import bitsandbytes.functional
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no native library for this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", broken)
     with pytest.raises(models.FourBitUnavailableError, match="load_in_4bit=False"):
-        models.check_4bit_support("meta")
+        models.load_model_and_tokenizer(tiny_profile(), load_in_4bit=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_4bit_on_a_missing_gpu_is_a_clear_error():
+    with pytest.raises(models.FourBitUnavailableError, match="device 'cuda'"):
+        models.check_4bit_support("cuda")
 
 
 def test_missing_model_folder_says_how_to_rebuild(tmp_path):
