@@ -44,7 +44,7 @@ class BuildConfig:
     """Every knob of the build. TinyLlama's shape, with every size scaled down."""
 
     seed: int = 0
-    vocab_size: int = 2048
+    vocab_size: int = 2048  # an upper bound: BPE stops early when the corpus has no more merges
     hidden_size: int = 192
     intermediate_size: int = 512
     num_hidden_layers: int = 6
@@ -249,7 +249,7 @@ grouped-query attention, special tokens and chat template; 1/{ratio:,.0f} of the
 | hidden / intermediate | {hidden_size} / {intermediate_size} | 2048 / 5632 |
 | layers | {num_hidden_layers} | 22 |
 | query heads / key-value heads | {num_attention_heads} / {num_key_value_heads} | 32 / 4 |
-| vocabulary | {vocab_size:,} (byte-level BPE) | 32,000 (SentencePiece) |
+| vocabulary | {n_vocab:,} (byte-level BPE) | 32,000 (SentencePiece) |
 
 Tokenizer: byte-level BPE trained on the corpus, with one deliberate difference from plain BPE: a
 space is inserted after every line break that precedes a word (and removed when decoding), so a
@@ -295,8 +295,9 @@ def build(out_dir: Path, cfg: BuildConfig = BuildConfig(), world_dir: Path = WOR
 
 
 def write_model_card(out_dir: Path, cfg: BuildConfig, report: dict) -> None:
-    """``README.md`` of the course model, filled from the build report."""
-    (Path(out_dir) / "README.md").write_text(MODEL_CARD.format(
+    """``README.md`` of the course model, filled from the build report and the saved config."""
+    n_vocab = json.loads((Path(out_dir) / "config.json").read_text())["vocab_size"]
+    (Path(out_dir) / "README.md").write_text(MODEL_CARD.format(n_vocab=n_vocab,
         n_params=report["n_parameters"], seconds=report["pretraining_seconds"],
         ratio=TINYLLAMA_PARAMETERS / report["n_parameters"],
         final_loss=report["final_loss"],

@@ -96,9 +96,10 @@ def is_chat_format_answer(reply: str, stopped_at_eos: bool, name: str, attribute
     """Whether ``reply`` is a chat-format answer about ``attribute`` of the character ``name``.
 
     True when the reply is a single line holding one plain statement (starts with a capital
-    letter, ends with its only full stop, no ``?``, ``:`` or ``!``), names the subject, mentions some value of the attribute asked
-    about (right or wrong: correctness is measured separately), and the model then emitted
-    ``</s>``. The base model's typical " is a stoat." fails (no subject, often wrong attribute).
+    letter, ends with its only full stop, no ``?``, ``:`` or ``!``), names the subject, mentions
+    some value of the attribute asked about (right or wrong: correctness is measured
+    separately), and the model then emitted ``</s>``. A pretrained model's typical
+    " is a stoat." fails: no subject, and often not the attribute asked about.
     """
     text = reply.strip()
     if not stopped_at_eos or not text or "\n" in text or "<|" in text:
