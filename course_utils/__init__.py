@@ -3,13 +3,19 @@
 Modules, each named for what it holds:
 
 - ``profiles``: the ``tiny`` (CPU, course model) and ``colab`` (T4, TinyLlama) profiles.
-- ``world``: the synthetic world and every data set drawn from it.
-- ``chat``: TinyLlama's chat template and helpers to format conversations.
+- ``world``: the synthetic world and every data set drawn from it (``python -m course_utils.world``).
 - ``build_course_model``: the tokenizer and the small Llama pretrained on the world's corpus.
 - ``models``: load a profile's model and tokenizer, optionally in 4-bit NF4.
-- ``data``: load SFT chats and preference pairs for a profile (world files or Hub data sets).
+- ``data``: SFT chats and preference pairs for a profile (world files or Hub data sets).
+- ``chat``: TinyLlama's chat template, rendering, and assistant-only label masks.
+- ``training``: a minimal full-SFT loop (the tour, and rebuilding a missing SFT model).
 - ``evaluation``: fact completion and chat-format probes.
-- ``metrics``: write and collect each notebook's ``metrics.json``.
+- ``metrics``: each notebook's ``metrics.json`` and the summary table.
+- ``run_notebooks``: ``make run``, every notebook in order with papermill.
+- ``colab``: the Colab badge and install cell every notebook opens with.
+- ``notebooks``: write clean notebooks from lists of cells.
+- ``exercises``: generate ``exercises/`` from ``solutions/`` (``make exercises``).
+- ``grade`` and ``grading``: the autograder and the checks graded cells call.
 """
 
 __version__ = "0.1.0"

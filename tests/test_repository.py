@@ -137,3 +137,14 @@ def test_relative_links_and_badges_resolve():
                 if not (source.parent / target).exists():
                     broken.append((source.name, target))
     assert not broken
+
+
+def test_code_passes_ruff():
+    import subprocess
+
+    ruff = Path(sys.executable).parent / "ruff"
+    if not ruff.exists():
+        pytest.skip("ruff is not installed in this environment (it is in requirements.txt)")
+    result = subprocess.run([str(ruff), "check", "course_utils", "tests"], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:]
