@@ -35,10 +35,27 @@ def check_type(value, expected_type, what: str = "the result") -> None:
         raise AssertionError(f"{what} should be {names}, got {type(value).__name__}")
 
 
+def first_difference(actual, expected) -> str:
+    """Where two sequences (lists, strings) first differ, in a few words."""
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        if a != e:
+            if isinstance(expected, str):
+                return (f"first difference at character {index}: expected "
+                        f"{expected[index:index + 20]!r}, got {actual[index:index + 20]!r}")
+            return f"first difference at index {index}: expected {e!r}, got {a!r}"
+    return f"lengths differ: expected {len(expected)}, got {len(actual)}"
+
+
 def check_equal(actual, expected, what: str = "the result") -> None:
-    """Raise ``AssertionError`` with a short, readable difference unless ``actual == expected``."""
-    if actual != expected:
-        raise AssertionError(f"{what} is wrong: expected {expected!r:.200}, got {actual!r:.200}")
+    """Raise ``AssertionError`` with a short, readable difference unless ``actual == expected``.
+
+    For two lists or two strings the message says where they first differ.
+    """
+    if actual == expected:
+        return
+    if isinstance(actual, (list, tuple, str)) and type(actual) is type(expected):
+        raise AssertionError(f"{what} is wrong: {first_difference(actual, expected)}")
+    raise AssertionError(f"{what} is wrong: expected {expected!r:.200}, got {actual!r:.200}")
 
 
 def check_close(mine, reference, atol: float = 1e-6, rtol: float = 1e-5,

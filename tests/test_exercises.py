@@ -87,3 +87,17 @@ def test_nbgrader_metadata_agrees_with_the_course_metadata():
                                                                       course["points"])
             elif "BEGIN SOLUTION" in "".join(cell["source"]):
                 assert nbgrader["solution"] and not nbgrader["grade"]
+
+
+@pytest.mark.parametrize("actual, expected, message", [
+    ([-100, 5, 6], [-100, 5, -100], "first difference at index 2: expected -100, got 6"),
+    ("<|user|>\nHi</s>", "<|user|>\nHi</s>\n", "lengths differ: expected 16, got 15"),
+    ("ab", "ax", "first difference at character 1: expected 'x', got 'b'"),
+    (3, 4, "expected 4, got 3"),
+])
+def test_check_equal_says_where_answers_differ(actual, expected, message):
+    from course_utils.grading import check_equal
+
+    with pytest.raises(AssertionError, match=message.replace("(", r"\(").replace("|", r"\|")):
+        check_equal(actual, expected)
+    check_equal(expected, expected)
