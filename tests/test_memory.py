@@ -82,3 +82,97 @@ def test_bad_lora_arguments_are_rejected():
         memory.lora_parameters(tinyllama_config(), 8, ["query"])
     with pytest.raises(ValueError, match="positive integer"):
         memory.lora_parameters(tinyllama_config(), 0, ["q_proj"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The calculator against measured bytes, and against the literature
+
+
+@pytest.fixture(scope="module")
+def course_model():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(COURSE_MODEL_DIR)
+
+
+def test_parameter_numels_follow_the_model(course_model):
+    assert memory.parameter_numels(course_model.config) == [
+        p.numel() for p in course_model.parameters()]
+    config = odd_config()
+    assert memory.parameter_numels(config) == [p.numel() for p in meta_model(config).parameters()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum", "adamw_8bit", "sgd"])
+def test_static_memory_matches_measured_bytes_after_a_real_step(optimizer):
+    import copy
+
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(COURSE_MODEL_DIR)
+    model.train()
+    make = {"adamw": lambda p: torch.optim.AdamW(p, lr=1e-4),
+            "sgd_momentum": lambda p: torch.optim.SGD(p, lr=1e-4, momentum=0.9),
+            "sgd": lambda p: torch.optim.SGD(p, lr=1e-4),
+            "adamw_8bit": lambda p: bnb.optim.AdamW8bit(p, lr=1e-4)}[optimizer]
+    opt = make(model.parameters())
+    batch = torch.randint(3, 1000, (2, 32))
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    measured = memory.measured_static_bytes(model, opt)
+    config = copy.deepcopy(model.config)
+    numels = memory.parameter_numels(config)
+    predicted = memory.training_memory(sum(numels), optimizer=optimizer,
+                                       trainable_tensor_numels=numels)
+    assert measured == {"weights": predicted.weights, "gradients": predicted.gradients,
+                        "optimizer_states": predicted.optimizer_states}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("batch_size, seq_len", [(4, 64), (2, 128)])
+def test_activation_estimate_matches_saved_tensors(course_model, checkpointing, batch_size,
+                                                   seq_len):
+    course_model.train()
+    if checkpointing:
+        course_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        course_model.gradient_checkpointing_disable()
+    batch = torch.randint(3, 1000, (batch_size, seq_len))
+    measured = memory.measured_activation_bytes(course_model, input_ids=batch, labels=batch)
+    predicted = memory.activation_bytes(course_model.config, batch_size, seq_len,
+                                        gradient_checkpointing=checkpointing)
+    course_model.gradient_checkpointing_disable()
+    assert predicted == pytest.approx(measured, rel=0.02)
+
+
+def test_the_100b_example_and_zero_16_bytes():
+    # fp16 weights + fp16 gradients + fp32 Adam moments: 12 bytes, 1200 GB for 100B parameters
+    estimate = memory.training_memory(100 * 10**9, weight_bytes=2, gradient_bytes=2)
+    assert estimate.total == 1200 * memory.GB
+    # ZeRO's mixed-precision Adam adds the fp32 master copy: 16 bytes per parameter
+    assert memory.training_memory(1, weight_bytes=2, gradient_bytes=2,
+                                  master_weight_bytes=4).total == 16
+
+
+@pytest.mark.parametrize("stage, expected_gb", [(0, 120), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_stages_reproduce_the_zero_paper_figure_1(stage, expected_gb):
+    # Rajbhandari et al. 2020, Figure 1: 7.5B parameters, 64 GPUs, K = 12
+    estimate = memory.training_memory(7_500_000_000, weight_bytes=2, gradient_bytes=2,
+                                      master_weight_bytes=4, zero_stage=stage, n_gpus=64)
+    assert estimate.total / memory.GB == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_nf4_storage_bits():
+    assert memory.nf4_bits_per_parameter(double_quant=False) == 4.5
+    assert memory.nf4_bits_per_parameter() == pytest.approx(4.127, abs=5e-4)
+
+
+def test_bad_calculator_arguments_are_rejected():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        memory.optimizer_state_bytes([10], "adam9")
+    with pytest.raises(ValueError, match="zero_stage"):
+        memory.training_memory(10, zero_stage=4)
+    with pytest.raises(ValueError, match="add up"):
+        memory.training_memory(10, trainable_tensor_numels=[3, 4])
