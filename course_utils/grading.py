@@ -101,3 +101,19 @@ def random_conversation(rng: random.Random, end_with_assistant: bool = True) -> 
     if not end_with_assistant:
         messages.pop()
     return messages
+
+
+def random_llama_config(rng: random.Random):
+    """A random, valid Llama-family config: any width, GQA or not, tied or untied, with or
+    without biases. For checks that must hold for every architecture, not just the example."""
+    from transformers import LlamaConfig
+
+    head_dim = rng.choice([8, 16, 32, 64])
+    heads = rng.choice([2, 4, 8, 12])
+    kv_heads = rng.choice([h for h in (1, 2, 4, heads) if heads % h == 0])
+    return LlamaConfig(
+        vocab_size=rng.randint(100, 50_000), hidden_size=heads * head_dim,
+        intermediate_size=rng.randint(16, 4096), num_hidden_layers=rng.randint(1, 40),
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        tie_word_embeddings=rng.random() < 0.3, attention_bias=rng.random() < 0.2,
+        mlp_bias=rng.random() < 0.2)

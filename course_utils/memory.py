@@ -164,11 +164,12 @@ def activation_bytes(config, batch_size: int, seq_len: int, gradient_checkpointi
       (2 ``bs kv``), and SDPA's log-sum-exp (``b n s``, fp32); no ``s x s`` scores;
     - MLP: gate, up, activated gate and their product (4 ``bsI``);
 
-    plus the final norm, the log-softmax of the logits (``bsV``, fp32), the labels and RoPE's
-    cos/sin. With gradient checkpointing every layer keeps only its input (``bsh``) and recomputes
-    the rest in backward (one layer's worth is alive again then). ``value_bytes`` is the
-    activation dtype's size; the formula is exact for fp32 on the CPU (tests check) and an
-    estimate for 16-bit training, where norms and softmax run partly in fp32.
+    plus the final norm, the log-softmax of the logits (``bsV``, fp32), the labels, the loss's
+    scalar normalizer and RoPE's cos/sin. With gradient checkpointing every layer keeps only its
+    input (``bsh``) and recomputes the rest in backward (one layer's worth is alive again then).
+    ``value_bytes`` is the activation dtype's size; the formula is exact for fp32 on the CPU
+    (tests check) and an estimate for 16-bit training, where norms and softmax run partly in
+    fp32.
     """
     b, s, h = batch_size, seq_len, config.hidden_size
     kv = linear_shapes(config)["k_proj"][1]
@@ -176,6 +177,7 @@ def activation_bytes(config, batch_size: int, seq_len: int, gradient_checkpointi
     layers, intermediate, vocab = config.num_hidden_layers, config.intermediate_size, config.vocab_size
     head = value_bytes * 3 * b * s * h + stat_bytes * b * s  # final norm
     head += stat_bytes * b * s * vocab + 2 * label_bytes * b * s  # log-softmax, labels
+    head += stat_bytes  # the loss's 0-d normalizer
     if gradient_checkpointing:
         return layers * value_bytes * b * s * h + head
     per_layer = value_bytes * b * s * (8 * h + 2 * kv + 4 * intermediate)

@@ -102,7 +102,7 @@ def reply_labels(tokenizer, messages):
 
 # student -> (cell replacements, expected points per question)
 FULL = {"q1_format_chat": 2, "q2_count_reply_tokens": 1, "q3_reply_labels": 2}
-VARIANTS = {
+EX00_VARIANTS = {
     "correct": ({}, FULL),
     "q1_no_newline": ({"def format_chat": FORMAT_CHAT_NO_NEWLINE}, {**FULL, "q1_format_chat": 0}),
     "q1_hardcoded": ({"def format_chat": FORMAT_CHAT_HARDCODED}, {**FULL, "q1_format_chat": 0}),
@@ -123,28 +123,84 @@ VARIANTS = {
                         "check_equal(result, reference_reply_tokens": "pass"},
                        {**FULL, "q2_count_reply_tokens": 0}),
 }
-EXPECTED_STATUS = {"q1_hangs": "timeout", "q2_raises": "error", "q2_wrong_type": "failed",
-                   "q3_floods": "error", "q1_hardcoded": "failed", "q2_syntax_error": "error"}
-EXPECTED_MESSAGE = {"q1_hangs": "timed out", "q2_raises": "ZeroDivisionError",
-                    "q2_wrong_type": "should be int, got str", "q3_floods": "OutputFloodError",
-                    "q1_hardcoded": "hidden conversation",
-                    "q2_syntax_error": "an earlier cell failed: SyntaxError"}
+BYTES_NO_MASTER = '''
+def bytes_per_parameter(weight_bytes, gradient_bytes, state_bytes, master_weight_bytes):
+    return weight_bytes + gradient_bytes + 2 * state_bytes
+'''
+COUNT_NO_GQA = '''
+def count_llama_parameters(config):
+    h, inter = config.hidden_size, config.intermediate_size
+    layer = 4 * h * h + 3 * h * inter + 2 * h
+    layer += (4 * h if config.attention_bias else 0) + ((2 * inter + h) if config.mlp_bias else 0)
+    head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    return config.vocab_size * h + config.num_hidden_layers * layer + h + head
+'''
+COUNT_ALWAYS_UNTIED = '''
+def count_llama_parameters(config):
+    h, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+    layer += ((2 * h + 2 * kv) if config.attention_bias else 0)
+    layer += ((2 * inter + h) if config.mlp_bias else 0)
+    return 2 * config.vocab_size * h + config.num_hidden_layers * layer + h
+'''
+LORA_A_ONLY = '''
+def lora_trainable_parameters(config, r, target_modules):
+    h, inter = config.hidden_size, config.intermediate_size
+    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h,
+              "down_proj": inter}
+    return config.num_hidden_layers * sum(r * inputs[name] for name in target_modules)
+'''
+LARGEST_BINARY_GB = '''
+def largest_model(budget_gb, bytes_per_param):
+    return int(budget_gb * 1024**3 // bytes_per_param)
+'''
+FULL_01 = {"q1_bytes_per_parameter": 1, "q2_count_llama_parameters": 2,
+           "q3_lora_trainable_parameters": 2, "q4_largest_model": 1}
+EX01_VARIANTS = {
+    "correct": ({}, FULL_01),
+    "q1_no_master": ({"def bytes_per_parameter": BYTES_NO_MASTER},
+                     {**FULL_01, "q1_bytes_per_parameter": 0}),
+    "q2_no_gqa": ({"def count_llama_parameters": COUNT_NO_GQA},
+                  {**FULL_01, "q2_count_llama_parameters": 0}),
+    "q2_always_untied": ({"def count_llama_parameters": COUNT_ALWAYS_UNTIED},
+                         {**FULL_01, "q2_count_llama_parameters": 0}),
+    "q3_a_only": ({"def lora_trainable_parameters": LORA_A_ONLY},
+                  {**FULL_01, "q3_lora_trainable_parameters": 0}),
+    "q4_binary_gb": ({"def largest_model": LARGEST_BINARY_GB}, {**FULL_01, "q4_largest_model": 0}),
+}
+# every wrong variant of every exercise, as "exercise/variant" students of one class
+VARIANTS = {f"ex00_warmup/{k}": v for k, v in EX00_VARIANTS.items()} | {
+    f"ex01_memory/{k}": v for k, v in EX01_VARIANTS.items()}
+
+EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",
+                   "ex00_warmup/q2_wrong_type": "failed", "ex00_warmup/q3_floods": "error",
+                   "ex00_warmup/q1_hardcoded": "failed", "ex00_warmup/q2_syntax_error": "error",
+                   "ex01_memory/q2_always_untied": "failed"}
+EXPECTED_MESSAGE = {"ex00_warmup/q1_hangs": "timed out",
+                    "ex00_warmup/q2_raises": "ZeroDivisionError",
+                    "ex00_warmup/q2_wrong_type": "should be int, got str",
+                    "ex00_warmup/q3_floods": "OutputFloodError",
+                    "ex00_warmup/q1_hardcoded": "hidden conversation",
+                    "ex00_warmup/q2_syntax_error": "an earlier cell failed: SyntaxError",
+                    "ex01_memory/q2_always_untied": "hidden config"}
 
 
 @pytest.fixture(scope="module")
 def graded_class(tmp_path_factory):
-    """A class folder, one student per variant of ex00, graded in one grader run."""
+    """A class folder, one student per variant, graded in one grader run (seeded, so the hidden
+    inputs are the same on every test run)."""
     root = tmp_path_factory.mktemp("submissions")
-    source = json.loads((SOLUTIONS_DIR / "ex00_warmup.ipynb").read_text())
     for student, (replacements, _) in VARIANTS.items():
-        notebook = json.loads(json.dumps(source))
+        exercise = student.split("/")[0]
+        notebook = json.loads((SOLUTIONS_DIR / f"{exercise}.ipynb").read_text())
         for marker, code in replacements.items():
             replace_cell(notebook, marker, code)
         folder = root / student
-        folder.mkdir()
-        (folder / "ex00_warmup.ipynb").write_text(json.dumps(notebook))
+        folder.mkdir(parents=True)
+        (folder / f"{exercise}.ipynb").write_text(json.dumps(notebook))
     report = root.parent / "grades.json"
-    status = grade.main([str(root), "--json", str(report), "--timeout", "20"])
+    status = grade.main([str(root), "--json", str(report), "--timeout", "20", "--seed", "7"])
     return status, json.loads(report.read_text())
 
 
@@ -152,7 +208,7 @@ def test_class_grading_exits_0_with_one_row_per_student_and_question(graded_clas
     status, report = graded_class
     assert status == 0 and report["problems"] == []
     rows = {(r["student"], r["question"]) for r in report["results"]}
-    assert rows == {(s, q) for s in VARIANTS for q in FULL}
+    assert rows == {(s, q) for s, (_, expected) in VARIANTS.items() for q in expected}
     assert len(report["results"]) == len(rows)
 
 
