@@ -35,8 +35,9 @@ def read_all_metrics(root: Path | None = None) -> dict[str, dict]:
 def format_value(value) -> str:
     if isinstance(value, bool) or isinstance(value, str):
         return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()
+                                  and abs(value) < 1e15):
+        return f"{int(value):,}"
     return f"{value:.4g}"
 
 

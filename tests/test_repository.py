@@ -148,3 +148,13 @@ def test_code_passes_ruff():
     result = subprocess.run([str(ruff), "check", "course_utils", "tests"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:]
+
+
+def test_metrics_table_formats_numbers_readably(tmp_path):
+    from course_utils import metrics
+
+    table = metrics.summary_table({"01_x": {"bytes": 22482660.0, "rate": 0.98333, "n": 1200,
+                                            "ok": True}})
+    assert "22,482,660" in table and "0.9833" in table and "1,200" in table and "True" in table
+    with pytest.raises(ValueError, match="finite"):
+        metrics.write_metrics("x", {"loss": float("nan")})
