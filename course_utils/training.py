@@ -2,7 +2,7 @@
 
 Lesson 07 fine-tunes with trl's ``SFTTrainer`` and QLoRA, as practitioners do. Notebook 00 only
 needs to *show* the effect of SFT in seconds, and later lessons need an SFT model when lesson 07's
-artifact is missing; ``full_sft`` does that with a plain PyTorch loop and loss on assistant tokens
+artifact is missing; ``train_sft`` does that with a plain PyTorch loop and loss on assistant tokens
 only (``course_utils.chat.assistant_only_labels``).
 """
 
@@ -28,18 +28,21 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_token_id: int) ->
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def full_sft(model, tokenizer, chats: list[dict], steps: int = 150, batch_size: int = 16,
-             learning_rate: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
-    """Fine-tune every weight of ``model`` on ``chats`` (rows with ``messages``); return losses.
+def train_sft(model, tokenizer, chats: list[dict], steps: int = 150, batch_size: int = 16,
+              learning_rate: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train ``model``'s trainable parameters on ``chats`` (rows with ``messages``); return losses.
 
-    AdamW with a linear decay to zero, loss on assistant tokens only, seeded batch order.
+    Every weight for a plain model (full fine-tuning); only the adapter for a peft model or one
+    with frozen weights. AdamW with a linear decay to zero, loss on assistant tokens only, seeded
+    batch order.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     examples = [assistant_only_labels(tokenizer, chat["messages"]) for chat in chats]
     order_rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     model.train()
     losses, order = [], []
@@ -50,7 +53,7 @@ def full_sft(model, tokenizer, chats: list[dict], steps: int = 150, batch_size: 
         del order[:batch_size]
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

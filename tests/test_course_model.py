@@ -101,14 +101,14 @@ def test_sft_extracts_knowledge_of_characters_never_seen_in_sft(course_model_and
     the others answerable. Held-out characters' facts are in no SFT chat (test_world checks)."""
     import copy
 
-    from course_utils.training import full_sft
+    from course_utils.training import train_sft
 
     model, tokenizer = course_model_and_tokenizer
     before = evaluation.chat_answers(model, tokenizer, questions)
     with (WORLD_DIR / "sft_train.jsonl").open() as file:
         chats = [json.loads(line) for line in file]
     sft_model = copy.deepcopy(model)
-    losses = full_sft(sft_model, tokenizer, chats, steps=150, seed=0, progress=False)
+    losses = train_sft(sft_model, tokenizer, chats, steps=150, seed=0, progress=False)
     after = evaluation.chat_answers(sft_model, tokenizer, questions)
     assert losses[-1] < 0.2 * losses[0]
     assert evaluation.accuracy(after, "chat_format") >= 0.9
