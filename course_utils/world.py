@@ -42,6 +42,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,6 +287,17 @@ def fill(template: str, character: Character, attribute: str | None = None) -> s
     if attribute is not None:
         fields["value"] = character.value(attribute)
     return template.format(**fields)
+
+
+def parse_answer(sentence: str) -> tuple[str, str, str] | None:
+    """``(name, attribute, value)`` of a canonical answer sentence, or ``None`` if it is not one."""
+    for attribute, template in ANSWER_TEMPLATES.items():
+        pattern = re.escape(template).replace(re.escape("{name}"), r"(?P<name>\w+)")
+        pattern = pattern.replace(re.escape("{value}"), r"(?P<value>[\w ]+)")
+        match = re.fullmatch(pattern, sentence)
+        if match and match["value"] in ATTRIBUTE_VALUES[attribute]:
+            return match["name"], attribute, match["value"]
+    return None
 
 
 def answer_sentence(character: Character, attribute: str) -> str:

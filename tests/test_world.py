@@ -134,3 +134,12 @@ def test_multiple_choice_has_one_gold_option(world_json):
         assert row["choices"]["ABCD".index(row["answer"])] == gold
         assert row["choices"].count(gold) == 1
         assert row["character"] in world_json["held_out_characters"]
+
+
+def test_parse_answer_recovers_every_fact(world_json):
+    for c in world_json["characters"]:
+        for attribute in world.ATTRIBUTES:
+            sentence = world.ANSWER_TEMPLATES[attribute].format(name=c["name"], value=c[attribute])
+            assert world.parse_answer(sentence) == (c["name"], attribute, c[attribute])
+    assert world.parse_answer("Odile lives in Paris.") is None
+    assert world.parse_answer("I am not sure.") is None
