@@ -169,9 +169,58 @@ EX01_VARIANTS = {
                   {**FULL_01, "q3_lora_trainable_parameters": 0}),
     "q4_binary_gb": ({"def largest_model": LARGEST_BINARY_GB}, {**FULL_01, "q4_largest_model": 0}),
 }
+LORA_NO_SCALING = '''
+def lora_forward(x, W, b, A, B, alpha, r):
+    return x @ W.T + b + x @ A.T @ B.T
+'''
+LORA_SWAPPED = '''
+def lora_forward(x, W, b, A, B, alpha, r):
+    return x @ W.T + b + (x @ B @ A) * (alpha / r)
+'''
+MERGE_NO_SCALING = '''
+def lora_merge(W, A, B, alpha, r):
+    return W + B @ A
+'''
+SCALING_IGNORES_RSLORA = '''
+def lora_scaling(alpha, r, use_rslora=False):
+    return alpha / r
+'''
+FULL_02 = {"q1_lora_forward": 2, "q2_lora_merge": 1, "q3_lora_scaling": 1}
+EX02_VARIANTS = {
+    "correct": ({}, FULL_02),
+    "q1_no_scaling": ({"def lora_forward": LORA_NO_SCALING}, {**FULL_02, "q1_lora_forward": 0}),
+    "q1_swapped": ({"def lora_forward": LORA_SWAPPED}, {**FULL_02, "q1_lora_forward": 0}),
+    "q2_no_scaling": ({"def lora_merge": MERGE_NO_SCALING}, {**FULL_02, "q2_lora_merge": 0}),
+    "q3_ignores_rslora": ({"def lora_scaling": SCALING_IGNORES_RSLORA},
+                          {**FULL_02, "q3_lora_scaling": 0}),
+}
+ADAPTER_NO_RESIDUAL = '''
+def adapter_forward(h, W_down, b_down, W_up, b_up):
+    return torch.nn.functional.gelu(h @ W_down.T + b_down) @ W_up.T + b_up
+'''
+COUNT_ONE_ADAPTER = '''
+def adapter_parameter_count(hidden, bottleneck, n_layers):
+    return n_layers * (2 * hidden * bottleneck + bottleneck + hidden)
+'''
+IA3_ALWAYS_OUTPUT = '''
+def ia3_linear(x, W, l, where):
+    return (x @ W.T) * l
+'''
+FULL_03 = {"q1_adapter_forward": 2, "q2_adapter_parameter_count": 1, "q3_ia3_linear": 2}
+EX03_VARIANTS = {
+    "correct": ({}, FULL_03),
+    "q1_no_residual": ({"def adapter_forward": ADAPTER_NO_RESIDUAL},
+                       {**FULL_03, "q1_adapter_forward": 0}),
+    "q2_one_adapter_per_layer": ({"def adapter_parameter_count": COUNT_ONE_ADAPTER},
+                                 {**FULL_03, "q2_adapter_parameter_count": 0}),
+    "q3_always_output": ({"def ia3_linear": IA3_ALWAYS_OUTPUT}, {**FULL_03, "q3_ia3_linear": 0}),
+}
 # every wrong variant of every exercise, as "exercise/variant" students of one class
-VARIANTS = {f"ex00_warmup/{k}": v for k, v in EX00_VARIANTS.items()} | {
-    f"ex01_memory/{k}": v for k, v in EX01_VARIANTS.items()}
+VARIANTS = {f"{exercise}/{k}": v
+            for exercise, variants in [("ex00_warmup", EX00_VARIANTS), ("ex01_memory", EX01_VARIANTS),
+                                       ("ex02_lora", EX02_VARIANTS),
+                                       ("ex03_adapters_ia3", EX03_VARIANTS)]
+            for k, v in variants.items()}
 
 EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",
                    "ex00_warmup/q2_wrong_type": "failed", "ex00_warmup/q3_floods": "error",
