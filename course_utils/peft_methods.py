@@ -2,7 +2,8 @@
 
 ``make_method(name, base_model)`` returns a trainable copy of the base model for one method;
 ``run_method`` trains it on the world's SFT chats and measures it: trainable parameters, adapter
-file size, seconds per step, training memory, and held-out loss, chat-format rate and accuracy on
+file size (saved and loaded back, outputs compared), seconds per step, training memory, and
+held-out loss, chat-format rate and accuracy on
 characters never seen in training. The task is the one notebook 00 introduced: answer attribute
 questions in the chat format.
 """
@@ -80,7 +81,7 @@ def make_method(name: str, base_model, seed: int = 0):
             parameter.requires_grad_(True)
         return model
     if name == "houlsby":
-        add_houlsby_adapters(model, bottleneck=16)
+        add_houlsby_adapters(model, bottleneck=HOULSBY_BOTTLENECK)
         return model
     return get_peft_model(model, peft_config(name, model.config))
 
@@ -89,18 +90,41 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def saved_size_bytes(model, name: str) -> int:
-    """Bytes on disk of what must be shipped to reuse the method: the adapter, or the model."""
-    from safetensors.torch import save_file
+HOULSBY_BOTTLENECK = 16
 
+
+@torch.no_grad()
+def save_and_reload(model, base_model, name: str) -> tuple[int, float]:
+    """Save what must be shipped to reuse the method (the adapter, or the whole model for full
+    fine-tuning), load it back onto a fresh base model, and return ``(bytes on disk, max |logit
+    difference| between the trained and the reloaded model)``."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(3, 19).view(2, 8)
+    model.eval()
+    reference = model(input_ids=ids).logits
     with tempfile.TemporaryDirectory() as folder:
         if name == "houlsby":
             state = {n: p.detach().contiguous() for n, p in model.named_parameters()
                      if p.requires_grad}
             save_file(state, str(Path(folder) / "adapters.safetensors"))
+            loaded = copy.deepcopy(base_model)
+            add_houlsby_adapters(loaded, bottleneck=HOULSBY_BOTTLENECK)
+            missing = loaded.load_state_dict(load_file(str(Path(folder) / "adapters.safetensors")),
+                                             strict=False).unexpected_keys
+            if missing:
+                raise RuntimeError(f"adapter keys did not fit the model: {missing[:3]}")
+        elif name == "full":
+            model.save_pretrained(folder)
+            loaded = AutoModelForCausalLM.from_pretrained(folder)
         else:
             model.save_pretrained(folder)
-        return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+            loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), folder)
+        size = sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+    loaded.eval()
+    return size, (loaded(input_ids=ids).logits - reference).abs().max().item()
 
 
 @torch.no_grad()
@@ -141,6 +165,7 @@ class MethodResult:
     trainable_parameters: int
     percent_of_model: float
     saved_bytes: int
+    reload_max_abs_error: float
     seconds_per_step: float
     training_bytes: int
     heldout_loss: float
@@ -161,10 +186,11 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
               learning_rate=lr, seed=seed, progress=False)
     seconds = (time.perf_counter() - start) / steps
     answers = evaluation.chat_answers(model, tokenizer, questions)
+    saved_bytes, reload_error = save_and_reload(model, base_model, name)
     result = MethodResult(
         method=name, trainable_parameters=trainable_parameters(model),
         percent_of_model=100 * trainable_parameters(model) / n_base,
-        saved_bytes=saved_size_bytes(model, name), seconds_per_step=seconds,
+        saved_bytes=saved_bytes, reload_max_abs_error=reload_error, seconds_per_step=seconds,
         training_bytes=mem, heldout_loss=heldout_loss(model, tokenizer, test_chats),
         chat_format_rate=evaluation.accuracy(answers, "chat_format"),
         heldout_accuracy=evaluation.accuracy(answers))
@@ -173,12 +199,14 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
 
 def results_table(results: list[MethodResult]) -> str:
     """The comparison as aligned text."""
-    header = (f"{'method':<14}{'trainable':>11}{'% model':>9}{'saved KB':>10}{'s/step':>8}"
+    header = (f"{'method':<14}{'trainable':>11}{'% model':>9}{'saved KB':>10}{'reload':>9}"
+              f"{'s/step':>8}"
               f"{'train MB':>10}{'loss':>7}{'format':>8}{'accuracy':>10}")
     rows = [header]
     for r in results:
         rows.append(f"{r.method:<14}{r.trainable_parameters:>11,}{r.percent_of_model:>9.3f}"
-                    f"{r.saved_bytes / 1e3:>10.1f}{r.seconds_per_step:>8.3f}"
+                    f"{r.saved_bytes / 1e3:>10.1f}{r.reload_max_abs_error:>9.1e}"
+                    f"{r.seconds_per_step:>8.3f}"
                     f"{r.training_bytes / 1e6:>10.1f}{r.heldout_loss:>7.3f}"
                     f"{r.chat_format_rate:>8.1%}{r.heldout_accuracy:>10.1%}")
     return "\n".join(rows)

@@ -1,0 +1,60 @@
+"""The PEFT comparison harness: each method trains only its own parameters, has the expected
+size, and saves and reloads to the same outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from course_utils import memory, peft_methods, peft_scratch
+from course_utils.paths import COURSE_MODEL_DIR, WORLD_DIR
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import AutoModelForCausalLM
+
+    from course_utils.models import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(COURSE_MODEL_DIR)
+    with (WORLD_DIR / "sft_train.jsonl").open() as file:
+        chats = [json.loads(line) for line in file][:64]
+    with (WORLD_DIR / "eval_qa.jsonl").open() as file:
+        questions = [json.loads(line) for line in file][:8]
+    return base, load_tokenizer(COURSE_MODEL_DIR), chats, questions
+
+
+def expected_trainable(name, config):
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    kv = memory.linear_shapes(config)["k_proj"][1]
+    return {
+        "full": memory.count_parameters(config),
+        "houlsby": 2 * layers * peft_scratch.adapter_parameters(
+            hidden, peft_methods.HOULSBY_BOTTLENECK),
+        "prompt_tuning": 16 * hidden,
+        "lora": memory.lora_parameters(config, 8, memory.LORA_TARGETS),
+        "ia3": layers * (2 * kv + config.intermediate_size),
+    }.get(name)
+
+
+@pytest.mark.parametrize("name", peft_methods.METHODS)
+def test_method_trains_its_parameters_and_reloads_exactly(setup, name):
+    base, tokenizer, chats, questions = setup
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model, row = peft_methods.run_method(name, base, tokenizer, chats, chats[:8], questions,
+                                         steps=3, batch_size=8)
+    assert row.reload_max_abs_error < 1e-5
+    expected = expected_trainable(name, base.config)
+    if expected is not None:
+        assert row.trainable_parameters == expected
+    assert 0 < row.trainable_parameters <= memory.count_parameters(base.config)
+    assert row.saved_bytes > 0 and row.seconds_per_step > 0 and row.training_bytes > 0
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())  # base untouched
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == row.trainable_parameters
+
+
+def test_unknown_method_is_rejected(setup):
+    with pytest.raises(ValueError, match="unknown method"):
+        peft_methods.make_method("bitfit", setup[0])
