@@ -158,3 +158,16 @@ def test_metrics_table_formats_numbers_readably(tmp_path):
     assert "22,482,660" in table and "0.9833" in table and "1,200" in table and "True" in table
     with pytest.raises(ValueError, match="finite"):
         metrics.write_metrics("x", {"loss": float("nan")})
+
+
+def test_write_notebook_produces_the_fixed_opening(tmp_path):
+    from course_utils.notebooks import write_notebook
+
+    path = write_notebook(tmp_path / "99_x.ipynb", [("md", "# 99 · X"), ("params", 'PROFILE = "auto"'),
+                                                     ("code", "x = 1", {"course": {"hint": "h"}})])
+    cells = load(path)["cells"]
+    assert [c["cell_type"] for c in cells] == ["markdown", "code", "code", "code"]
+    assert "".join(cells[1]["source"]) == INSTALL_CELL
+    assert cells[2]["metadata"]["tags"] == ["parameters"]
+    assert cells[3]["metadata"] == {"course": {"hint": "h"}}
+    assert all(c.get("outputs", []) == [] for c in cells)
