@@ -42,19 +42,14 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False,
                 eos_token: str = EOS_TOKEN) -> str:
     """Render ``messages`` exactly as ``TINYLLAMA_CHAT_TEMPLATE`` does, in plain Python.
 
-    Each message is ``{"role": "system" | "user" | "assistant", "content": str}``. Jinja's
-    default whitespace handling keeps the newline after every ``{{ ... }}`` line, which is why
-    each turn ends in ``</s>\\n``. Tests check this function against ``apply_chat_template``.
+    Each message is ``{"role": "system" | "user" | "assistant", "content": str}``. Jinja keeps
+    the newline after every ``{{ ... }}`` line, which is why each turn ends in ``</s>\\n``.
+    Tests check this function against ``apply_chat_template``.
     """
-    parts = []
-    for i, message in enumerate(messages):
-        role = message.get("role")
-        if role not in ROLE_TAGS:
-            raise ValueError(f"message {i} has role {role!r}; expected one of {sorted(ROLE_TAGS)}")
-        parts.append(f"{ROLE_TAGS[role]}\n{message['content']}{eos_token}\n")
+    text, _ = render_chat_with_spans(messages, eos_token)
     if add_generation_prompt and messages:
-        parts.append(f"{ROLE_TAGS['assistant']}\n")
-    return "".join(parts)
+        text += f"{ROLE_TAGS['assistant']}\n"
+    return text
 
 
 def render_chat_with_spans(messages: list[dict], eos_token: str = EOS_TOKEN
@@ -68,7 +63,8 @@ def render_chat_with_spans(messages: list[dict], eos_token: str = EOS_TOKEN
     for message in messages:
         tag = ROLE_TAGS.get(message.get("role"))
         if tag is None:
-            raise ValueError(f"unknown role {message.get('role')!r}; expected {sorted(ROLE_TAGS)}")
+            raise ValueError(f"message {len(spans)} has role {message.get('role')!r}; "
+                             f"expected one of {sorted(ROLE_TAGS)}")
         text += f"{tag}\n"
         start = len(text)
         text += f"{message['content']}{eos_token}"

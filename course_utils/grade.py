@@ -247,21 +247,18 @@ def grade_notebook(path: Path, student: str | None = None, solutions_dir: Path =
     return results
 
 
-def collect(paths: list[str]) -> list[tuple[str | None, Path]]:
-    """``(student, notebook)`` pairs: a class folder's sub-folders name the students."""
+def collect(path: Path) -> list[tuple[str | None, Path]]:
+    """``(student, notebook)`` pairs for one PATH argument: a class folder's sub-folders name the
+    students; a single notebook has no student name."""
+    if not path.is_dir():
+        return [(None, path)]
     pairs = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            for notebook in sorted(path.rglob("*.ipynb")):
-                if ".ipynb_checkpoints" in notebook.parts:
-                    continue
-                relative = notebook.parent.relative_to(path)
-                pairs.append((None if relative == Path(".") else relative.as_posix(), notebook))
-            if not any(p.is_relative_to(path) for _, p in pairs):
-                pairs.append((None, path / "(no notebooks)"))
-        else:
-            pairs.append((None, path))
+    for notebook in sorted(path.rglob("*.ipynb")):
+        if ".ipynb_checkpoints" not in notebook.parts:
+            relative = notebook.parent.relative_to(path)
+            pairs.append((None if relative == Path(".") else relative.as_posix(), notebook))
+    if not pairs:
+        raise GraderError(f"{path}: no notebooks in this folder")
     return pairs
 
 
@@ -299,8 +296,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, help="seed for hidden inputs (default: fresh)")
     args = parser.parse_args(argv)
 
-    all_results, problems = [], []
-    for student, path in collect(args.paths):
+    all_results, problems, pairs = [], [], []
+    for raw in args.paths:
+        try:
+            pairs += collect(Path(raw))
+        except GraderError as error:
+            problems.append(str(error))
+            print(f"grader problem: {error}", file=sys.stderr)
+    for student, path in pairs:
         start = time.perf_counter()
         try:
             results = grade_notebook(path, student, Path(args.solutions), args.timeout,

@@ -143,12 +143,10 @@ def heldout_loss(model, tokenizer, chats: list[dict], batch_size: int = 32) -> f
 
 def training_bytes(model, tokenizer, chats: list[dict], batch_size: int) -> int:
     """Weights + gradients + AdamW states + saved activations for one training step, measured."""
-    from course_utils.training import pad_batch as pad
-
     probe = copy.deepcopy(model)
     probe.train()
-    batch = pad([assistant_only_labels(tokenizer, c["messages"]) for c in chats[:batch_size]],
-                tokenizer.pad_token_id)
+    batch = pad_batch([assistant_only_labels(tokenizer, c["messages"]) for c in chats[:batch_size]],
+                      tokenizer.pad_token_id)
     activations = memory.measured_activation_bytes(probe, **batch)
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=0.0)
     probe(**batch).loss.backward()

@@ -390,7 +390,7 @@ def _chat(rng: random.Random, character: Character, n_turns: int) -> dict:
     return {"prompt": first_user, "prompt_id": _prompt_id(first_user), "messages": messages}
 
 
-def build_sft_chats(world: World, characters: list[Character], seed: int) -> list[dict]:
+def build_sft_chats(characters: list[Character], seed: int) -> list[dict]:
     """Single-turn chats for every (character, attribute, phrasing), plus some multi-turn ones."""
     rng = random.Random(seed)
     chats = []
@@ -417,7 +417,7 @@ def _wrong_value(rng: random.Random, character: Character, attribute: str) -> st
     return rng.choice(options)
 
 
-def build_preferences(world: World, characters: list[Character], seed: int,
+def build_preferences(characters: list[Character], seed: int,
                       rounds: int = 1) -> list[dict]:
     """Preference pairs in trl's conversational schema, each with the ``axis`` the rejected fails.
 
@@ -523,12 +523,12 @@ def build_datasets(world: World) -> dict[str, str]:
     return {
         "world.json": json.dumps(world_summary(world), indent=1, ensure_ascii=False) + "\n",
         "corpus.txt": "\n\n".join(build_corpus(world)) + "\n",
-        "sft_train.jsonl": jsonl(build_sft_chats(world, world.sft_characters, world.seed + 2)),
-        "sft_test.jsonl": jsonl(build_sft_chats(world, world.held_out_characters, world.seed + 3)),
+        "sft_train.jsonl": jsonl(build_sft_chats(world.sft_characters, world.seed + 2)),
+        "sft_test.jsonl": jsonl(build_sft_chats(world.held_out_characters, world.seed + 3)),
         "preferences_train.jsonl": jsonl(
-            build_preferences(world, world.sft_characters, world.seed + 4, rounds=2)),
+            build_preferences(world.sft_characters, world.seed + 4, rounds=2)),
         "preferences_test.jsonl": jsonl(
-            build_preferences(world, world.held_out_characters, world.seed + 7)),
+            build_preferences(world.held_out_characters, world.seed + 7)),
         "eval_qa.jsonl": jsonl(build_eval_qa(world)),
         "eval_mc.jsonl": jsonl(build_eval_mc(world)),
     }

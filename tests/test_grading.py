@@ -276,6 +276,11 @@ def test_each_variant_loses_exactly_the_points_it_should(graded_class, student):
                 assert EXPECTED_MESSAGE[student] in row["message"]
 
 
+def test_an_empty_folder_is_a_grader_problem(tmp_path, capsys):
+    assert grade.main([str(tmp_path)]) == 2
+    assert "no notebooks" in capsys.readouterr().err
+
+
 def test_missing_file_is_a_grader_problem(tmp_path, capsys):
     assert grade.main([str(tmp_path / "nope.ipynb")]) == 2
     assert "no such file" in capsys.readouterr().err
