@@ -135,3 +135,38 @@ def accuracy(results: list[ProbeResult], field: str = "correct") -> float:
     if not results:
         raise ValueError("no results to score")
     return sum(bool(getattr(r, field)) for r in results) / len(results)
+
+
+@torch.no_grad()
+def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token given the ones before it, shaped like ``input_ids[:, 1:]``.
+
+    Position ``t`` of the logits predicts token ``t + 1``, hence the shift by one; positions that
+    predict padding are set to 0 (mask them with ``attention_mask[:, 1:]``).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return log_probs * attention_mask[:, 1:]
+
+
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+    """Token-weighted perplexity of ``texts``: ``exp(-mean log p(token | tokens before))``.
+
+    Every token after the first (``<s>``) of each text is predicted; padding is masked out.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt",
+                              padding=True).to(device)
+            log_probs = token_log_probs(model, batch["input_ids"], batch["attention_mask"])
+            total += log_probs.sum().item()
+            count += int(batch["attention_mask"][:, 1:].sum())
+    finally:
+        tokenizer.padding_side = padding_side
+    return float(torch.exp(torch.tensor(-total / count)))

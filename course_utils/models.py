@@ -41,15 +41,17 @@ def check_4bit_support(device: str) -> None:
             "load_in_4bit=False, or run on a CUDA GPU (the 'colab' profile).") from error
 
 
-def bnb_4bit_config(compute_dtype: torch.dtype):
+def bnb_4bit_config(compute_dtype: torch.dtype, quant_type: str = "nf4",
+                    double_quant: bool = True):
     """QLoRA's quantization settings: NF4 weights, double quantization, ``compute_dtype`` matmuls.
 
-    bitsandbytes defaults to fp4, so ``bnb_4bit_quant_type="nf4"`` must be explicit.
+    bitsandbytes defaults to fp4, so ``bnb_4bit_quant_type="nf4"`` must be explicit; lesson 06
+    passes ``quant_type="fp4"`` and ``double_quant=False`` to compare.
     """
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
@@ -92,23 +94,27 @@ def missing_model_message(path: Path) -> str:
 
 
 def load_model_and_tokenizer(profile: Profile, load_in_4bit: bool | None = None,
-                             model_name_or_path: str | Path | None = None):
+                             model_name_or_path: str | Path | None = None,
+                             quantization_config=None):
     """Load ``(model, tokenizer)`` for ``profile``.
 
     ``load_in_4bit`` defaults to the profile's setting; ``True`` quantizes every linear layer but
     the LM head to NF4 through ``BitsAndBytesConfig`` (after checking that bitsandbytes works
     here). ``model_name_or_path`` overrides the profile's model (a local folder such as a saved
-    SFT model, or a Hub id). Weights are in ``profile.compute_dtype``; the model is in eval mode.
+    SFT model, or a Hub id); ``quantization_config`` replaces QLoRA's ``bnb_4bit_config`` (and
+    implies 4-bit). Weights are in ``profile.compute_dtype``; the model is in eval mode.
     """
     from transformers import AutoModelForCausalLM
 
     source = model_name_or_path or profile.model_name_or_path
     check_local_model(source)
     quantize = profile.load_in_4bit if load_in_4bit is None else load_in_4bit
+    quantize = quantize or quantization_config is not None
     kwargs = {"dtype": profile.compute_dtype}
     if quantize:
         check_4bit_support(profile.device)
-        kwargs["quantization_config"] = bnb_4bit_config(profile.compute_dtype)
+        kwargs["quantization_config"] = quantization_config or bnb_4bit_config(
+            profile.compute_dtype)
         kwargs["device_map"] = {"": profile.device if profile.device == "cpu" else 0}
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     if not quantize:

@@ -412,3 +412,41 @@ def storage_bits_per_parameter(n_values: int, *tensors: torch.Tensor) -> float:
 def quantization_error(x: torch.Tensor, dequantized: torch.Tensor) -> torch.Tensor:
     """Absolute error per value, in fp32."""
     return (dequantized.float() - x.float()).abs()
+
+
+@torch.no_grad()
+def fake_quantize_linear_layers(model, roundtrip, skip=("lm_head",)) -> int:
+    """Replace the weight of every ``nn.Linear`` in ``model`` (except those named in ``skip``) by
+    ``roundtrip(weight)``, e.g. quantize-then-dequantize; returns how many layers changed.
+
+    What a 4-bit layer computes is ``x @ dequantized(W).T``; doing the round trip once on the
+    weights gives the same numbers in an ordinary fp32 model, so its effect can be measured.
+    """
+    changed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in skip:
+            module.weight.copy_(roundtrip(module.weight.detach()).to(module.weight.dtype))
+            changed += 1
+    return changed
+
+
+def nf4_roundtrip(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False
+                  ) -> torch.Tensor:
+    """Quantize to NF4 and back, in the weight's own dtype (with double-quantized absmax if
+    ``double_quant``, as ``BitsAndBytesConfig(bnb_4bit_use_double_quant=True)`` stores them)."""
+    packed, absmax = quantize_nf4(weight, blocksize)
+    if double_quant:
+        absmax = double_dequantize(double_quantize(absmax))
+    return dequantize_nf4(packed, absmax, weight.shape, blocksize, weight.dtype)
+
+
+INT4_CODE = torch.arange(-7, 8, dtype=torch.float32) / 7  # symmetric absmax INT4: 15 levels
+
+
+def codebook_roundtrip(weight: torch.Tensor, code: torch.Tensor, blocksize: int = 64
+                       ) -> torch.Tensor:
+    """Blockwise absmax quantization onto any sorted ``code`` in [-1, 1], and back: the same
+    procedure as NF4 with another set of 16 (or fewer) values, e.g. ``INT4_CODE`` or FP4."""
+    indices, absmax = quantize_blockwise_codebook(weight, code, blocksize)
+    per_value = torch.repeat_interleave(absmax, blocksize)[:weight.numel()]
+    return (code[indices.long()] * per_value).to(weight.dtype).reshape(weight.shape)

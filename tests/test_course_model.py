@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -113,3 +114,23 @@ def test_sft_extracts_knowledge_of_characters_never_seen_in_sft(course_model_and
     assert losses[-1] < 0.2 * losses[0]
     assert evaluation.accuracy(after, "chat_format") >= 0.9
     assert evaluation.accuracy(after) >= evaluation.accuracy(before) + 0.3
+
+
+def test_perplexity_is_exp_of_the_model_loss_and_masks_padding(course_model_and_tokenizer):
+    from course_utils import evaluation
+
+    model, tokenizer = course_model_and_tokenizer
+    texts = ["Jasper lives in Ravenscar.",
+             "Nothing pleases Jasper more than cheese scones. He says so."]
+    for text in texts:
+        batch = tokenizer(text, return_tensors="pt")
+        expected = torch.exp(model(**batch, labels=batch["input_ids"]).loss).item()
+        assert evaluation.perplexity(model, tokenizer, [text]) == pytest.approx(expected, rel=1e-5)
+    # batched with padding: the token-weighted mean of the two, not polluted by the padding
+    losses = []
+    for text in texts:
+        batch = tokenizer(text, return_tensors="pt")
+        losses.append((model(**batch, labels=batch["input_ids"]).loss.item(),
+                       batch["input_ids"].shape[1] - 1))
+    mean = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    assert evaluation.perplexity(model, tokenizer, texts) == pytest.approx(math.exp(mean), rel=1e-5)

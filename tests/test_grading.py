@@ -215,11 +215,51 @@ EX03_VARIANTS = {
                                  {**FULL_03, "q2_adapter_parameter_count": 0}),
     "q3_always_output": ({"def ia3_linear": IA3_ALWAYS_OUTPUT}, {**FULL_03, "q3_ia3_linear": 0}),
 }
+INT8_TRUNCATES = '''
+def absmax_int8_rows(x):
+    x = x.float()
+    absmax = x.abs().amax(dim=1)
+    return (x * (127.0 / absmax.unsqueeze(1))).to(torch.int8), absmax
+'''
+INT8_PER_TENSOR = '''
+def absmax_int8_rows(x):
+    x = x.float()
+    absmax = x.abs().max()
+    return torch.round(x * (127.0 / absmax)).to(torch.int8), absmax.repeat(x.shape[0])
+'''
+NEAREST_NEXT_UP = '''
+def nearest_nf4(scaled):
+    return torch.searchsorted(NF4, scaled.contiguous()).clamp(max=15)
+'''
+PACK_LOW_FIRST = '''
+def pack_nibbles(indices):
+    indices = indices.to(torch.uint8)
+    return (indices[1::2] << 4) | indices[::2]
+'''
+DEQUANTIZE_FIRST_ABSMAX = '''
+def dequantize_nf4(packed, absmax, n, blocksize):
+    flat = packed.reshape(-1).long()
+    indices = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
+    return NF4[indices] * absmax[0]
+'''
+FULL_04 = {"q1_absmax_int8_rows": 2, "q2_nearest_nf4": 2, "q3_pack_nibbles": 2,
+           "q4_dequantize_nf4": 2}
+EX04_VARIANTS = {
+    "correct": ({}, FULL_04),
+    "q1_truncates": ({"def absmax_int8_rows": INT8_TRUNCATES}, {**FULL_04, "q1_absmax_int8_rows": 0}),
+    "q1_per_tensor": ({"def absmax_int8_rows": INT8_PER_TENSOR},
+                      {**FULL_04, "q1_absmax_int8_rows": 0}),
+    "q2_next_up": ({"def nearest_nf4": NEAREST_NEXT_UP}, {**FULL_04, "q2_nearest_nf4": 0}),
+    "q3_low_nibble_first": ({"def pack_nibbles": PACK_LOW_FIRST}, {**FULL_04, "q3_pack_nibbles": 0}),
+    "q4_first_absmax_only": ({"def dequantize_nf4": DEQUANTIZE_FIRST_ABSMAX},
+                             {**FULL_04, "q4_dequantize_nf4": 0}),
+}
 # every wrong variant of every exercise, as "exercise/variant" students of one class
 VARIANTS = {f"{exercise}/{k}": v
             for exercise, variants in [("ex00_warmup", EX00_VARIANTS), ("ex01_memory", EX01_VARIANTS),
                                        ("ex02_lora", EX02_VARIANTS),
-                                       ("ex03_adapters_ia3", EX03_VARIANTS)]
+                                       ("ex03_adapters_ia3", EX03_VARIANTS),
+                                       ("ex04_nf4", EX04_VARIANTS)]
             for k, v in variants.items()}
 
 EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",

@@ -283,3 +283,39 @@ def test_encode_refuses_overflow_and_non_finite_numbers():
 def test_int8_bits_are_twos_complement():
     assert nf4.int8_bits(-1.0, 1.0) == (-1, "11111111", -1.0)
     assert nf4.int8_bits(1000.0, 1.0)[0] == 127
+
+
+# --- round trips used by lesson 06 --------------------------------------------------------------
+
+def test_codebook_roundtrip_reproduces_bitsandbytes_fp4_and_nf4():
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(8))
+    for quant_type in ("fp4", "nf4"):
+        packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+        code = bnbf.get_4bit_type(quant_type, device="cpu").sort().values
+        assert torch.equal(nf4.codebook_roundtrip(x, code), bnbf.dequantize_4bit(packed, state))
+
+
+def test_nf4_roundtrip_with_double_quant_matches_bitsandbytes_linear4bit_weights():
+    x = torch.randn(48, 128, generator=torch.Generator().manual_seed(9))
+    packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    expected = bnbf.dequantize_4bit(packed, state)
+    ours = nf4.nf4_roundtrip(x, double_quant=True)
+    # the native 8-bit kernel's lookup picks a neighbouring code for a few absmax (see above)
+    assert (ours == expected).float().mean().item() > 0.95
+    torch.testing.assert_close(ours, expected, rtol=0.01, atol=0)
+    single = nf4.nf4_roundtrip(x, double_quant=False)
+    assert (single == expected).float().mean().item() < (ours == expected).float().mean().item()
+
+
+def test_fake_quantize_changes_every_linear_but_the_head():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         tie_word_embeddings=False))
+    head = model.lm_head.weight.clone()
+    q_proj = model.model.layers[0].self_attn.q_proj.weight.clone()
+    assert nf4.fake_quantize_linear_layers(model, nf4.nf4_roundtrip) == 2 * 7
+    assert torch.equal(model.lm_head.weight, head)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, nf4.nf4_roundtrip(q_proj))
