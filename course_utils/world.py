@@ -479,6 +479,39 @@ def build_eval_qa(world: World) -> list[dict]:
     return rows
 
 
+#: Names that never occur in the corpus or any data file (a test checks): characters whose facts
+#: no model of the course was ever shown, for showing what SFT cannot teach.
+UNSEEN_NAMES = ["Aurelio", "Bettany", "Crispin", "Dulcie", "Emrys", "Fairfax", "Gwendolen",
+                "Hamish", "Iolanthe", "Jory"]
+
+
+def unseen_questions(seed: int = WORLD_SEED + 11) -> list[dict]:
+    """Questions in ``eval_qa``'s schema about invented characters the corpus never mentions.
+
+    Their answers are drawn at random, so no model can know them: chance is one over the number
+    of values of the attribute asked about (``chance_accuracy``).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for name in UNSEEN_NAMES:
+        values = {a: rng.choice(NAMES if a == "friend" else options)
+                  for a, options in ATTRIBUTE_VALUES.items()}
+        character = Character(name=name, **values)
+        for attribute in ATTRIBUTES:
+            rows.append({
+                "id": f"unseen-{name}-{attribute}", "character": name, "attribute": attribute,
+                "question": fill(rng.choice(QUESTION_TEMPLATES[attribute]), character),
+                "answer": character.value(attribute),
+                "reference": answer_sentence(character, attribute),
+            })
+    return rows
+
+
+def chance_accuracy(questions: list[dict]) -> float:
+    """Expected accuracy of guessing a value of the right attribute uniformly at random."""
+    return sum(1 / len(ATTRIBUTE_VALUES[q["attribute"]]) for q in questions) / len(questions)
+
+
 def build_eval_mc(world: World) -> list[dict]:
     """Four-option multiple-choice questions (MMLU style) about held-out characters."""
     rng = random.Random(world.seed + 6)
