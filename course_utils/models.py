@@ -55,6 +55,31 @@ def bnb_4bit_config(compute_dtype: torch.dtype, quant_type: str = "nf4",
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def keep_cpu_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns how
+    many layers were switched.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 rewrites a ``Linear4bit`` weight in place into
+    another memory layout on the first forward pass without gradients (evaluation, generation)
+    and from then on sends every forward, training included, through its inference kernel:
+    outputs change and a QLoRA run trained afterwards learns against the wrong base (lesson 07
+    measured it). This undoes any packing already done and turns the fast path off.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = (
+                    _convert_weight_packed_for_cpu_inverse(module.weight.data, state))
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def ensure_chat_setup(tokenizer):
     """Give a tokenizer TinyLlama-Chat's template and ``</s>`` as padding when it has neither.
 

@@ -169,11 +169,12 @@ def load_quantized_base(profile: Profile, settings: SFTSettings):
     (``prepare_model_for_kbit_training``: norms in fp32, input gradients for checkpointing)."""
     from peft import prepare_model_for_kbit_training
 
-    from course_utils.models import load_model_and_tokenizer
+    from course_utils.models import keep_cpu_4bit_weights_trainable, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(profile, load_in_4bit=settings.load_in_4bit,
                                                 model_name_or_path=settings.model_name_or_path)
     if settings.load_in_4bit:
+        keep_cpu_4bit_weights_trainable(model)  # a bitsandbytes CPU pitfall, see its docstring
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing)
     model.config.use_cache = False  # the cache is for generation, and checkpointing refuses it
@@ -211,3 +212,42 @@ def merge_adapter(adapter_dir: str | Path, base_model_name_or_path: str, dtype: 
     base = AutoModelForCausalLM.from_pretrained(base_model_name_or_path, dtype=dtype)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     return model.merge_and_unload().eval()
+
+
+def reply_prompts(chats, tokenizer) -> list[str]:
+    """Each chat up to its first assistant reply, rendered with the generation prompt."""
+    prompts = []
+    for chat in chats:
+        messages = chat["messages"]
+        first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(tokenizer.apply_chat_template(messages[:first_reply], tokenize=False,
+                                                     add_generation_prompt=True))
+    return prompts
+
+
+def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=None,
+                        max_new_tokens: int = 24) -> dict:
+    """Lesson 07's before/after numbers for ``model``.
+
+    Always: ``heldout_loss`` (mean cross-entropy on the replies of ``test_chats``) and
+    ``stop_rate`` (greedy replies to their first question that end with ``</s>`` within
+    ``max_new_tokens``). With world ``questions``: ``format`` (a complete one-sentence answer in
+    the chat format, ``evaluation.is_chat_format_answer``) and ``exact_match`` (the reply names
+    the right value); with ``unseen`` questions: ``unseen_exact_match``.
+    """
+    from course_utils import evaluation
+    from course_utils.peft_methods import heldout_loss
+
+    results = {"heldout_loss": heldout_loss(model, tokenizer, list(test_chats))}
+    outputs = evaluation.greedy_generate(model, tokenizer, reply_prompts(test_chats, tokenizer),
+                                         max_new_tokens)
+    results["stop_rate"] = sum(stopped for _, stopped in outputs) / len(outputs)
+    if questions:
+        answers = evaluation.chat_answers(model, tokenizer, questions, max_new_tokens)
+        results["format"] = evaluation.accuracy(answers, "chat_format")
+        results["exact_match"] = evaluation.accuracy(answers)
+        results["answers"] = answers
+    if unseen:
+        results["unseen_exact_match"] = evaluation.accuracy(
+            evaluation.chat_answers(model, tokenizer, unseen, max_new_tokens))
+    return results

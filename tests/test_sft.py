@@ -140,6 +140,37 @@ def test_unseen_characters_never_occur_in_the_shipped_data():
     assert 0 < world.chance_accuracy(questions) < 0.1
 
 
+def test_an_evaluation_pass_does_not_change_what_training_computes():
+    """bitsandbytes' CPU fast path repacks 4-bit weights on the first no-grad forward and then
+    computes training forwards differently; load_quantized_base switches it off."""
+    from bitsandbytes.cextension import lib  # noqa: F401  (the native library is loaded)
+    from bitsandbytes.functional import has_avx512bf16
+
+    from course_utils.models import load_model_and_tokenizer
+
+    profile = tiny_profile()
+    settings = sft.settings_for(profile, "unused")
+    batch = None
+    for guarded in (True, False):
+        if guarded:
+            model, tokenizer = sft.load_quantized_base(profile, settings)
+        else:
+            model, tokenizer = load_model_and_tokenizer(profile, load_in_4bit=True)
+        batch = batch or tokenizer(["Odile lives in Fenwick and", "Who"], return_tensors="pt",
+                                   padding=True)
+        model.train()
+        training_before = model(**batch).logits.detach()
+        with torch.no_grad():
+            model.eval()
+            model(**batch)
+        model.train()
+        training_after = model(**batch).logits.detach()
+        if guarded:
+            assert torch.equal(training_before, training_after)
+        elif has_avx512bf16():  # the machine where the pitfall exists: show it is real
+            assert not torch.equal(training_before, training_after)
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_train_data_parallel_and_the_adapter_loads(tmp_path):
     env = {**os.environ, "COURSE_PROFILE": "tiny", "HF_HUB_OFFLINE": "1",
