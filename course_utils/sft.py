@@ -65,6 +65,25 @@ def prompt_completion_rows(dataset):
     return Dataset.from_list(rows)
 
 
+def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[dict]
+                               ) -> tuple[list[int], list[int]]:
+    """The ``(input_ids, labels)`` trl builds for one conversational prompt/completion row.
+
+    ``input_ids`` encode the whole conversation as inference does (``<s>`` first); ``labels`` are
+    -100 over the tokens of the prompt rendered with the generation prompt, and the token ids
+    after it. A test checks this against the rows ``SFTTrainer`` actually trains on.
+    """
+    from course_utils.chat import IGNORE_INDEX
+
+    full = tokenizer(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
+    prompt_ids = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                         add_generation_prompt=True))["input_ids"]
+    ids = full["input_ids"]
+    if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError("the prompt's tokens are not a prefix of the conversation's tokens")
+    return ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+
+
 def training_tokenizer(tokenizer):
     """A copy of ``tokenizer`` that renders with ``TRAINING_CHAT_TEMPLATE``."""
     copied = copy.deepcopy(tokenizer)

@@ -254,12 +254,47 @@ EX04_VARIANTS = {
     "q4_first_absmax_only": ({"def dequantize_nf4": DEQUANTIZE_FIRST_ABSMAX},
                              {**FULL_04, "q4_dequantize_nf4": 0}),
 }
+ROWS_LAST_REPLY_ONLY = '''
+def chat_to_rows(messages):
+    return [{"prompt": messages[:-1], "completion": messages[-1:]}]
+'''
+ROW_WITHOUT_GENERATION_PROMPT = '''
+def row_ids_and_labels(tokenizer, prompt, completion):
+    ids = tokenizer(tokenizer.apply_chat_template(prompt + completion, tokenize=False))["input_ids"]
+    n_prompt = len(tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False))["input_ids"])
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+'''
+PAD_LABELS_WITH_PAD_ID = '''
+def pad_batch(rows, pad_token_id):
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = lambda values: values + [pad_token_id] * (width - len(values))
+    return {"input_ids": torch.tensor([pad(r["input_ids"]) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                            for r in rows]),
+            "labels": torch.tensor([pad(r["labels"]) for r in rows])}
+'''
+PACK_EACH_ROW = '''
+def pack_wrapped(rows, block_size):
+    return [{"input_ids": r["input_ids"][i:i + block_size], "labels": r["labels"][i:i + block_size]}
+            for r in rows for i in range(0, len(r["input_ids"]), block_size)]
+'''
+FULL_05 = {"q1_chat_to_rows": 2, "q2_row_ids_and_labels": 2, "q3_pad_batch": 2, "q4_pack_wrapped": 2}
+EX05_VARIANTS = {
+    "correct": ({}, FULL_05),
+    "q1_last_reply_only": ({"def chat_to_rows": ROWS_LAST_REPLY_ONLY}, {**FULL_05, "q1_chat_to_rows": 0}),
+    "q2_no_generation_prompt": ({"def row_ids_and_labels": ROW_WITHOUT_GENERATION_PROMPT},
+                                {**FULL_05, "q2_row_ids_and_labels": 0}),
+    "q3_labels_padded_with_pad_id": ({"def pad_batch": PAD_LABELS_WITH_PAD_ID},
+                                     {**FULL_05, "q3_pad_batch": 0}),
+    "q4_packs_each_row": ({"def pack_wrapped": PACK_EACH_ROW}, {**FULL_05, "q4_pack_wrapped": 0}),
+}
 # every wrong variant of every exercise, as "exercise/variant" students of one class
 VARIANTS = {f"{exercise}/{k}": v
             for exercise, variants in [("ex00_warmup", EX00_VARIANTS), ("ex01_memory", EX01_VARIANTS),
                                        ("ex02_lora", EX02_VARIANTS),
                                        ("ex03_adapters_ia3", EX03_VARIANTS),
-                                       ("ex04_nf4", EX04_VARIANTS)]
+                                       ("ex04_nf4", EX04_VARIANTS),
+                                       ("ex05_sft_data", EX05_VARIANTS)]
             for k, v in variants.items()}
 
 EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",

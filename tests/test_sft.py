@@ -103,6 +103,8 @@ def test_trl_trains_on_exactly_each_reply(tiny_trainer):
         expected = [chat.IGNORE_INDEX] * prompt_length + labels[prompt_length:-1] + ids[-1:]
         assert row["labels"] == expected
         assert tokenizer.decode(ids[-1:]) == "\n" and labels[-2] == tokenizer.eos_token_id
+        assert (row["input_ids"], row["labels"]) == sft.tokenize_prompt_completion(
+            tokenizer, source["prompt"], source["completion"])
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     for i in range(4):
         row = trainer.train_dataset[i]
