@@ -270,3 +270,40 @@ def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=Non
         results["unseen_exact_match"] = evaluation.accuracy(
             evaluation.chat_answers(model, tokenizer, unseen, max_new_tokens))
     return results
+
+
+def sft_model_dir():
+    from course_utils.paths import artifacts_dir
+
+    return artifacts_dir("models") / "sft"
+
+
+def ensure_sft_model(profile: Profile, verbose: bool = True):
+    """The merged SFT model of lesson 07 (``artifacts/models/sft/``), built now if it is missing.
+
+    Building runs lesson 07's recipe (QLoRA on the profile's SFT data, merge, save) in one call:
+    under a minute on the ``tiny`` profile.
+    """
+    from course_utils import data
+    from course_utils.paths import artifacts_dir
+
+    target = sft_model_dir()
+    if (target / "config.json").exists():
+        if verbose:
+            print(f"using the SFT model of lesson 07 from {target}")
+        return target
+    if verbose:
+        print(f"no SFT model in {target}: building it with lesson 07's recipe "
+              f"({profile.sft_steps} QLoRA steps) ...")
+    settings = settings_for(profile, artifacts_dir("07_qlora_sft") / "rebuild")
+    model, tokenizer = load_quantized_base(profile, settings)
+    trainer = make_trainer(model, tokenizer, data.load_sft_dataset(profile, "train"), settings,
+                           profile)
+    trainer.train()
+    adapter_dir = Path(settings.output_dir) / "adapter"
+    trainer.save_model(str(adapter_dir))
+    dtype = torch.float32 if profile.device == "cpu" else torch.float16
+    merged = merge_adapter(adapter_dir, settings.model_name_or_path, dtype)
+    merged.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    return target

@@ -288,13 +288,41 @@ EX05_VARIANTS = {
                                      {**FULL_05, "q3_pad_batch": 0}),
     "q4_packs_each_row": ({"def pack_wrapped": PACK_EACH_ROW}, {**FULL_05, "q4_pack_wrapped": 0}),
 }
+BT_NAIVE = '''
+def bradley_terry_loss(chosen, rejected):
+    return -torch.log(torch.sigmoid(chosen - rejected)).mean()
+'''
+BT_SWAPPED = '''
+def bradley_terry_loss(chosen, rejected):
+    return -F.logsigmoid(rejected - chosen).mean()
+'''
+ACCURACY_TIES_COUNT = '''
+def pairwise_accuracy(chosen, rejected):
+    return (chosen >= rejected).float().mean().item()
+'''
+SCORES_LAST_COLUMN = '''
+def last_token_scores(scores, attention_mask):
+    return scores[:, -1]
+'''
+FULL_06 = {"q1_bradley_terry_loss": 2, "q2_pairwise_accuracy": 1, "q3_last_token_scores": 2}
+EX06_VARIANTS = {
+    "correct": ({}, FULL_06),
+    "q1_naive_log_of_sigmoid": ({"def bradley_terry_loss": BT_NAIVE},
+                                {**FULL_06, "q1_bradley_terry_loss": 0}),
+    "q1_swapped": ({"def bradley_terry_loss": BT_SWAPPED}, {**FULL_06, "q1_bradley_terry_loss": 0}),
+    "q2_ties_count": ({"def pairwise_accuracy": ACCURACY_TIES_COUNT},
+                      {**FULL_06, "q2_pairwise_accuracy": 0}),
+    "q3_last_column": ({"def last_token_scores": SCORES_LAST_COLUMN},
+                       {**FULL_06, "q3_last_token_scores": 0}),
+}
 # every wrong variant of every exercise, as "exercise/variant" students of one class
 VARIANTS = {f"{exercise}/{k}": v
             for exercise, variants in [("ex00_warmup", EX00_VARIANTS), ("ex01_memory", EX01_VARIANTS),
                                        ("ex02_lora", EX02_VARIANTS),
                                        ("ex03_adapters_ia3", EX03_VARIANTS),
                                        ("ex04_nf4", EX04_VARIANTS),
-                                       ("ex05_sft_data", EX05_VARIANTS)]
+                                       ("ex05_sft_data", EX05_VARIANTS),
+                                       ("ex06_reward_model", EX06_VARIANTS)]
             for k, v in variants.items()}
 
 EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",

@@ -1,0 +1,499 @@
+"""Reward modeling and a compact PPO for causal language models (lessons 08 and 09).
+
+trl 1.x no longer ships a PPO trainer, so the course writes its own, small enough to read in one
+sitting. Each piece is a plain function over tensors, unit-tested against a loop-by-loop
+reference:
+
+- ``bradley_terry_loss`` / ``pairwise_accuracy``: the reward model's objective and metric;
+- ``combine_rewards``: Llama 2's rule for a helpfulness and a safety reward model;
+- ``kl_shaped_rewards``: per-token rewards, ``-beta * (log pi - log pi_ref)`` at every response
+  token plus the reward model's score at the last one;
+- ``gae``: generalized advantage estimation (Schulman et al. 2016), returns and advantages;
+- ``ppo_policy_loss`` / ``ppo_value_loss``: the clipped objectives (Schulman et al. 2017);
+- ``PPOConfig`` / ``ppo_step``: rollouts, scoring, several PPO epochs per batch, on a LoRA policy
+  whose reference is the same model with the adapter switched off.
+
+Shapes: ``[batch, time]`` over response tokens, with a ``mask`` of 1 for real tokens and 0 for
+padding after the response ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# --- reward modeling ---------------------------------------------------------------------------
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+                       ) -> torch.Tensor:
+    """Mean negative log-likelihood that the chosen response wins under Bradley-Terry:
+    ``P(chosen > rejected) = sigmoid(r_chosen - r_rejected)``, so the loss is
+    ``-log sigmoid(r_chosen - r_rejected)`` (Ouyang et al. 2022, eq. 1), averaged over pairs."""
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """Share of pairs where the chosen response gets the strictly higher reward."""
+    return (chosen_rewards > rejected_rewards).float().mean().item()
+
+
+def combine_rewards(helpfulness: torch.Tensor, safety: torch.Tensor,
+                    safety_threshold: float = 0.15, unsafe_prompt: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Llama 2's combination of two reward models (Touvron et al. 2023, section 3.2.2).
+
+    Scores are first mapped to (0, 1) with a sigmoid. Where the prompt is known to be unsafe, or
+    the safety model's score falls below ``safety_threshold``, the safety score is used
+    (safety first); elsewhere the helpfulness score. Returned as logits again (the paper then
+    whitens them), so the result lives on the scale PPO uses.
+    """
+    help_p, safe_p = torch.sigmoid(helpfulness.float()), torch.sigmoid(safety.float())
+    use_safety = safe_p < safety_threshold
+    if unsafe_prompt is not None:
+        use_safety = use_safety | unsafe_prompt.bool()
+    combined = torch.where(use_safety, safe_p, help_p).clamp(1e-6, 1 - 1e-6)
+    return torch.log(combined) - torch.log1p(-combined)
+
+
+# --- PPO building blocks -----------------------------------------------------------------------
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
+                  ) -> torch.Tensor:
+    """Normalize to unit variance (and zero mean) over the masked entries."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards for PPO on a language model (Ziegler et al. 2019; Ouyang et al. 2022).
+
+    Every response token gets ``-kl_coef * (log pi(token) - log pi_ref(token))``, a sample of the
+    KL divergence from the reference that keeps the policy close to it; the last real token also
+    gets the reward model's ``scores`` for the whole response. Returns ``(rewards, kl)``, both
+    ``[batch, time]`` and zero on padding.
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.long().sum(dim=1) - 1
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float,
+        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over ``[batch, time]`` (Schulman et al. 2016).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``,
+    computed backwards from the end; the value after the last real token is 0 (the episode ends).
+    Returns ``(advantages, returns)`` with ``returns = advantages + values``, zero on padding.
+    """
+    if mask is None:
+        mask = torch.ones_like(rewards)
+    mask = mask.to(rewards.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    clip_eps: float, mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate loss (Schulman et al. 2017, eq. 7), to minimize.
+
+    ``ratio = exp(log pi - log pi_old)``; the objective per token is
+    ``min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``, so a step gains nothing from moving
+    the ratio beyond the clip range in the direction the advantage favours. Returns
+    ``(loss, clip_fraction)``: the negated masked mean, and the share of tokens where the clipped
+    term was the smaller one (the update was held back).
+    """
+    if mask is None:
+        mask = torch.ones_like(logprobs)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped < unclipped).float(), mask)
+    return loss, clip_fraction
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   clip_eps: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The clipped value loss of PPO implementations for RLHF (Ziegler et al. 2019):
+    ``0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)``, masked mean."""
+    if mask is None:
+        mask = torch.ones_like(values)
+    clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# --- the PPO loop ------------------------------------------------------------------------------
+
+@dataclass
+class PPOConfig:
+    """Settings of ``ppo_step``; defaults follow common RLHF PPO settings at this scale."""
+
+    batch_size: int = 32            # prompts per rollout
+    ppo_epochs: int = 4             # optimization passes over each rollout
+    minibatch_size: int = 16
+    learning_rate: float = 1e-4
+    kl_coef: float = 0.1            # beta: the per-token KL penalty
+    clip_eps: float = 0.2           # policy ratio clip
+    value_clip_eps: float = 0.2
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar value per position from the policy's last hidden state."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_start: int, value_head: ValueHead | None = None,
+                      temperature: float = 1.0):
+    """Log-probabilities of the response tokens (positions ``response_start`` onwards) under
+    ``model``, and the value head's estimates at the positions that predict them.
+
+    Position ``t - 1`` of the logits predicts token ``t``, hence the shift. Returns
+    ``(logprobs [batch, T], values [batch, T] or None)``.
+    """
+    # positions count real tokens only, as generate() does for left-padded prompts; without
+    # them the policy trained here would differ from the one that sampled
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   output_hidden_states=value_head is not None)
+    logits = output.logits[:, response_start - 1:-1].float() / temperature
+    targets = input_ids[:, response_start:]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    values = None
+    if value_head is not None:
+        values = value_head(output.hidden_states[-1][:, response_start - 1:-1])
+    return logprobs, values
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                       temperature: float, generator_seed: int | None = None):
+    """Sample responses to ``prompts`` (left-padded), cut after the first ``</s>``.
+
+    Returns ``(input_ids, attention_mask, response_mask, response_start)``: prompt and response
+    in one tensor, the response starting at column ``response_start``; ``response_mask`` marks the
+    response tokens up to and including ``</s>`` (or all ``max_new_tokens`` if it never ends).
+    """
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True,
+                            temperature=temperature, top_k=0, top_p=1.0,
+                            pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    start = batch["input_ids"].shape[1]
+    response = output[:, start:]
+    is_eos = response == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first </s>
+    response_mask = (~after_eos).long()
+    response = torch.where(after_eos, torch.full_like(response, tokenizer.pad_token_id), response)
+    input_ids = torch.cat([batch["input_ids"], response], dim=1)
+    attention_mask = torch.cat([batch["attention_mask"], response_mask], dim=1)
+    return input_ids, attention_mask, response_mask, start
+
+
+def decode_responses(tokenizer, input_ids, response_mask, start) -> list[str]:
+    return [tokenizer.decode([t for t, m in zip(row[start:].tolist(), mask.tolist()) if m])
+            for row, mask in zip(input_ids, response_mask)]
+
+
+def ppo_step(policy, value_head: ValueHead, optimizer, tokenizer, prompts: list[str],
+             score_fn, config: PPOConfig, step: int) -> dict:
+    """One PPO iteration: roll out ``prompts``, score, then ``ppo_epochs`` passes of minibatch
+    updates on the clipped policy and value losses. Returns the step's statistics.
+
+    ``policy`` is a peft model; its reference is the same model with the adapter disabled, so
+    no second copy of the weights is needed. ``score_fn(prompts, responses) -> tensor`` scores
+    decoded responses (the reward model).
+    """
+    policy.eval()
+    input_ids, attention_mask, mask, start = generate_responses(
+        policy, tokenizer, prompts, config.max_new_tokens, config.temperature,
+        generator_seed=config.seed * 100_003 + step)
+    responses = decode_responses(tokenizer, input_ids, mask, start)
+    mask = mask.float()
+    with torch.no_grad():
+        old_logprobs, old_values = response_logprobs(policy, input_ids, attention_mask, start,
+                                                     value_head, config.temperature)
+        with policy.disable_adapter():
+            ref_logprobs, _ = response_logprobs(policy, input_ids, attention_mask, start,
+                                                temperature=config.temperature)
+        scores = score_fn(prompts, responses).float().to(old_logprobs.device)
+        rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, config.kl_coef)
+        advantages, returns = gae(rewards, old_values, config.gamma, config.lam, mask)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask
+
+    policy.train()
+    stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": []}
+    n = input_ids.shape[0]
+    order_generator = torch.Generator().manual_seed(config.seed * 7_919 + step)
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(n, generator=order_generator)
+        for begin in range(0, n, config.minibatch_size):
+            idx = order[begin:begin + config.minibatch_size].to(input_ids.device)
+            logprobs, values = response_logprobs(policy, input_ids[idx], attention_mask[idx],
+                                                 start, value_head, config.temperature)
+            policy_loss, clip_fraction = ppo_policy_loss(logprobs, old_logprobs[idx],
+                                                         advantages[idx], config.clip_eps,
+                                                         mask[idx])
+            value_loss = ppo_value_loss(values, old_values[idx], returns[idx],
+                                        config.value_clip_eps, mask[idx])
+            loss = policy_loss + config.value_coef * value_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]],
+                config.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                stats["policy_loss"].append(policy_loss.item())
+                stats["value_loss"].append(value_loss.item())
+                stats["clip_fraction"].append(clip_fraction.item())
+                stats["approx_kl"].append(
+                    masked_mean(old_logprobs[idx] - logprobs, mask[idx]).item())
+    policy.eval()
+    lengths = mask.sum(dim=1)
+    summary = {key: sum(v) / len(v) for key, v in stats.items()}
+    summary.update({
+        "score": scores.mean().item(),
+        "kl": kl.sum(dim=1).mean().item(),  # summed over the response: KL per sequence
+        "response_length": lengths.mean().item(),
+        "entropy_proxy": -masked_mean(old_logprobs, mask).item(),
+        "responses": responses,
+    })
+    return summary
+
+
+def sequence_kl(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                temperature: float = 1.0) -> tuple[float, list[str], torch.Tensor]:
+    """Monte Carlo KL(policy || reference) per response, from responses sampled by the policy:
+    the mean over samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``. Returns the KL, the
+    responses and their lengths."""
+    input_ids, attention_mask, mask, start = generate_responses(
+        policy, tokenizer, prompts, max_new_tokens, temperature, generator_seed=seed)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(policy, input_ids, attention_mask, start,
+                                        temperature=temperature)
+        with policy.disable_adapter():
+            ref_logprobs, _ = response_logprobs(policy, input_ids, attention_mask, start,
+                                                temperature=temperature)
+    kl = ((logprobs - ref_logprobs) * mask).sum(dim=1).mean().item()
+    return kl, decode_responses(tokenizer, input_ids, mask, start), mask.sum(dim=1).float()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): how much of the returns the critic predicts."""
+    variance = returns.var()
+    return float("nan") if variance == 0 else (1 - (returns - values).var() / variance).item()
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+
+# --- reward models with trl --------------------------------------------------------------------
+
+def preference_rows(dataset):
+    """trl's conversational preference rows (``prompt``, ``chosen``, ``rejected``), rendered with
+    ``<s>`` first like every other stage of the course (``sft.TRAINING_CHAT_TEMPLATE``)."""
+    keep = ("prompt", "chosen", "rejected")
+    return dataset.map(lambda row: {"chat_template_kwargs": {"add_bos": True}},
+                       remove_columns=[c for c in dataset.column_names if c not in keep])
+
+
+def load_reward_model(model_name_or_path: str, tokenizer, dtype: torch.dtype = torch.float32):
+    """A causal LM with its LM head replaced by a scalar head: ``AutoModelForSequenceClassification``
+    with ``num_labels=1``. The head (``score``) starts random; everything else is the SFT model.
+    It reads the score at the last non-padding token, so it needs the pad token's id."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_name_or_path), num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def reward_config(output_dir, profile, steps: int, learning_rate: float, batch_size: int,
+                  seed: int = 0, **overrides):
+    """trl ``RewardConfig`` with precision set per device (trl 1.x defaults to bf16)."""
+    from trl import RewardConfig
+
+    kwargs = dict(output_dir=str(output_dir), max_steps=steps, learning_rate=learning_rate,
+                  per_device_train_batch_size=batch_size, lr_scheduler_type="cosine",
+                  warmup_steps=max(1, steps // 20), weight_decay=0.0, max_length=256,
+                  bf16=profile.bf16, fp16=profile.fp16, use_cpu=profile.use_cpu,
+                  gradient_checkpointing=False, logging_steps=10, save_strategy="no",
+                  report_to="none", seed=seed, data_seed=seed, dataloader_num_workers=0)
+    kwargs.update(overrides)
+    return RewardConfig(**kwargs)
+
+
+def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None):
+    """trl ``RewardTrainer`` on the course's preference rows."""
+    from trl import RewardTrainer
+
+    from course_utils.sft import training_tokenizer
+
+    torch.manual_seed(args.seed)
+    return RewardTrainer(model=model, args=args, train_dataset=preference_rows(train_dataset),
+                         processing_class=training_tokenizer(tokenizer), peft_config=peft_config)
+
+
+@torch.no_grad()
+def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list[str],
+                    batch_size: int = 64) -> torch.Tensor:
+    """The reward model's score for each (conversation ``prompt``, ``response``) pair, rendered
+    with the chat template and ``<s>`` first, exactly as ``RewardTrainer`` trains on them."""
+    from course_utils.chat import render_chat
+
+    model.eval()
+    device = next(model.parameters()).device
+    texts = [render_chat(p + [{"role": "assistant", "content": r}])
+             for p, r in zip(prompts, responses)]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    scores = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt",
+                              padding=True).to(device)
+            scores.append(model(**batch).logits[:, 0].float().cpu())
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(scores)
+
+
+def preference_scores(model, tokenizer, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every pair's chosen and rejected reply."""
+    prompts = [row["prompt"] for row in dataset]
+    chosen = score_responses(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in dataset])
+    rejected = score_responses(model, tokenizer, prompts,
+                               [r["rejected"][0]["content"] for r in dataset])
+    return chosen, rejected
+
+
+def accuracy_by_axis(chosen: torch.Tensor, rejected: torch.Tensor, axes: list[str]) -> dict:
+    """Pairwise accuracy overall and for each rejection axis."""
+    result = {"overall": pairwise_accuracy(chosen, rejected)}
+    for axis in sorted(set(axes)):
+        rows = torch.tensor([a == axis for a in axes])
+        result[axis] = pairwise_accuracy(chosen[rows], rejected[rows])
+    return result
+
+
+def reward_model_dir():
+    from course_utils.paths import artifacts_dir
+
+    return artifacts_dir("models") / "reward"
+
+
+def ensure_reward_model(profile, verbose: bool = True):
+    """Lesson 08's reward model (``artifacts/models/reward/``), trained now if it is missing
+    (full fine-tuning of the SFT model with a scalar head on all preference pairs)."""
+    from course_utils import data, sft
+    from course_utils.models import load_tokenizer
+    from course_utils.paths import artifacts_dir
+
+    target = reward_model_dir()
+    if (target / "config.json").exists():
+        if verbose:
+            print(f"using the reward model of lesson 08 from {target}")
+        return target
+    sft_dir = sft.ensure_sft_model(profile, verbose)
+    if verbose:
+        print(f"no reward model in {target}: training it with lesson 08's recipe "
+              f"({profile.reward_steps} steps) ...")
+    tokenizer = load_tokenizer(sft_dir)
+    model = load_reward_model(sft_dir, tokenizer, profile.compute_dtype).to(profile.device)
+    args = reward_config(artifacts_dir("08_reward_modeling") / "rebuild", profile,
+                         profile.reward_steps, 3e-4, batch_size=16)
+    trainer = make_reward_trainer(model, tokenizer, data.load_preference_dataset(profile, "train"),
+                                  args)
+    trainer.train()
+    trainer.model.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    return target
+
+
+# --- what the world's preferences ask for, checked in generated text ---------------------------
+
+RUDE_MARKERS = ("obviously", "silly question", "even a toad", "pester", "go away")
+REFUSAL_MARKERS = ("can't help", "won't help", "i can't", "i won't")
+
+
+def preferred_behaviour(row: dict, response: str, world=None) -> bool:
+    """Whether ``response`` does what the preference pairs of ``row``'s axis reward.
+
+    ``wrong_fact``: names the true value; ``unhelpful``: names some value of the attribute asked
+    about (it answers); ``rude``: no rude phrase; ``unsafe``: refuses (``is_refusal``).
+    """
+    from course_utils.evaluation import mentions_value
+    from course_utils.world import ATTRIBUTE_VALUES, generate_world
+
+    text = response.lower()
+    axis = row["axis"]
+    if axis == "unsafe":
+        return is_refusal(response)
+    if axis == "rude":
+        return bool(text.strip()) and not any(marker in text for marker in RUDE_MARKERS)
+    world = world or generate_world()
+    gold = world.character(row["character"]).value(row["attribute"])
+    if axis == "wrong_fact":
+        return mentions_value(response, gold)
+    # for "friend" every name is a value: the subject's own name does not count as an answer
+    values = [v for v in ATTRIBUTE_VALUES[row["attribute"]] if v != row["character"]]
+    return any(mentions_value(response, value) for value in values)
+
+
+def is_refusal(response: str) -> bool:
+    return any(marker in response.lower() for marker in REFUSAL_MARKERS)
+

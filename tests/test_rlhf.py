@@ -1,0 +1,225 @@
+"""Each PPO and reward-model component against a straightforward reference written here."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from course_utils import rlhf
+
+
+def random_batch(seed: int, batch: int = 5, time: int = 9):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, time + 1, (batch,), generator=generator)
+    mask = (torch.arange(time)[None, :] < lengths[:, None]).float()
+    return generator, mask
+
+
+def reference_gae(rewards, values, mask, gamma, lam):
+    """Loop over sequences and time steps, as the paper writes it."""
+    advantages = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        running = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
+            running = delta + gamma * lam * running
+            advantages[b, t] = running
+    return advantages, (advantages + values) * mask
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_gae_matches_the_loop_reference(seed):
+    generator, mask = random_batch(seed)
+    rewards = torch.randn(mask.shape, generator=generator)
+    values = torch.randn(mask.shape, generator=generator)
+    rng = random.Random(seed)
+    gamma, lam = rng.choice([1.0, 0.99, 0.9]), rng.choice([1.0, 0.95, 0.5, 0.0])
+    advantages, returns = rlhf.gae(rewards, values, gamma, lam, mask)
+    expected_advantages, expected_returns = reference_gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(advantages, expected_advantages)
+    torch.testing.assert_close(returns, expected_returns)
+
+
+def test_gae_with_lambda_one_and_no_critic_is_the_reward_to_go():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    advantages, _ = rlhf.gae(rewards, torch.zeros_like(rewards), gamma=1.0, lam=1.0)
+    assert advantages.tolist() == [[6.0, 5.0, 3.0]]
+
+
+def reference_policy_loss(logprobs, old_logprobs, advantages, eps, mask):
+    total, count, clipped_count = 0.0, 0, 0
+    for b in range(logprobs.shape[0]):
+        for t in range(logprobs.shape[1]):
+            if mask[b, t]:
+                ratio = math.exp(logprobs[b, t].item() - old_logprobs[b, t].item())
+                a = advantages[b, t].item()
+                unclipped, clipped = ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a
+                total += min(unclipped, clipped)
+                clipped_count += clipped < unclipped
+                count += 1
+    return -total / count, clipped_count / count
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ppo_policy_loss_matches_the_loop_reference(seed):
+    generator, mask = random_batch(seed)
+    old = torch.randn(mask.shape, generator=generator) - 2
+    new = old + 0.4 * torch.randn(mask.shape, generator=generator)
+    advantages = torch.randn(mask.shape, generator=generator)
+    eps = random.Random(seed).choice([0.1, 0.2, 0.3])
+    loss, clip_fraction = rlhf.ppo_policy_loss(new, old, advantages, eps, mask)
+    expected_loss, expected_fraction = reference_policy_loss(new, old, advantages, eps, mask)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+    assert clip_fraction.item() == pytest.approx(expected_fraction)
+
+
+def test_clipping_stops_the_gradient_only_beyond_the_range_in_the_favoured_direction():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, fraction = rlhf.ppo_policy_loss(new, old, advantages, 0.2)
+    loss.backward()
+    # ratio 1.5 with A>0 and ratio 0.5 with A<0 are clipped: no gradient; the others keep theirs
+    assert new.grad[0, 0] == 0 and new.grad[0, 3] == 0
+    assert new.grad[0, 1] != 0 and new.grad[0, 2] != 0
+    assert fraction.item() == 0.5
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_ppo_value_loss_matches_the_loop_reference(seed):
+    generator, mask = random_batch(seed)
+    old_values = torch.randn(mask.shape, generator=generator)
+    returns = torch.randn(mask.shape, generator=generator)
+    values = old_values + 0.5 * torch.randn(mask.shape, generator=generator)
+    total, count = 0.0, 0
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[b, t]:
+                v, v_old, r = values[b, t].item(), old_values[b, t].item(), returns[b, t].item()
+                v_clipped = v_old + min(max(v - v_old, -0.2), 0.2)
+                total += 0.5 * max((v - r) ** 2, (v_clipped - r) ** 2)
+                count += 1
+    loss = rlhf.ppo_value_loss(values, old_values, returns, 0.2, mask)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_kl_shaped_rewards_put_the_score_on_the_last_real_token(seed):
+    generator, mask = random_batch(seed)
+    logprobs, ref = torch.randn(mask.shape, generator=generator), torch.randn(mask.shape, generator=generator)
+    scores = torch.randn(mask.shape[0], generator=generator)
+    rewards, kl = rlhf.kl_shaped_rewards(scores, logprobs, ref, mask, kl_coef=0.3)
+    for b in range(mask.shape[0]):
+        n = int(mask[b].sum())
+        for t in range(mask.shape[1]):
+            expected = -0.3 * (logprobs[b, t] - ref[b, t]).item() if t < n else 0.0
+            if t == n - 1:
+                expected += scores[b].item()
+            assert rewards[b, t].item() == pytest.approx(expected, abs=1e-6)
+            expected_kl = (logprobs[b, t] - ref[b, t]).item() if t < n else 0.0
+            assert kl[b, t].item() == pytest.approx(expected_kl, abs=1e-6)
+
+
+def test_bradley_terry_loss_matches_the_formula_and_its_limits():
+    chosen, rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
+    pairs = zip(chosen.tolist(), rejected.tolist())
+    expected = sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in pairs) / 3
+    assert rlhf.bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    tie = rlhf.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item()
+    assert tie == pytest.approx(math.log(2))
+    assert rlhf.bradley_terry_loss(torch.tensor([50.0]), torch.tensor([0.0])).item() < 1e-6
+    assert rlhf.pairwise_accuracy(chosen, rejected) == pytest.approx(1 / 3)
+
+
+def test_combine_rewards_follows_llama2s_rule():
+    helpfulness = torch.tensor([3.0, 3.0, -1.0])
+    safety = torch.tensor([2.0, -4.0, 2.0])  # sigmoid(-4) = 0.018 < 0.15: unsafe
+    combined = rlhf.combine_rewards(helpfulness, safety, 0.15)
+    torch.testing.assert_close(combined, torch.tensor([3.0, -4.0, -1.0]), atol=1e-4, rtol=0)
+    flagged = rlhf.combine_rewards(helpfulness, safety, 0.15, unsafe_prompt=torch.tensor([1, 0, 0]))
+    assert flagged[0].item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_masked_whiten_has_zero_mean_unit_variance_on_the_mask():
+    generator, mask = random_batch(3)
+    values = torch.randn(mask.shape, generator=generator) * 5 + 2
+    whitened = rlhf.masked_whiten(values, mask)
+    assert rlhf.masked_mean(whitened, mask).item() == pytest.approx(0, abs=1e-5)
+    assert rlhf.masked_mean(whitened ** 2, mask).item() == pytest.approx(1, abs=1e-3)
+
+
+def test_one_ppo_step_runs_on_a_lora_policy_and_starts_at_the_reference(tokenizer):
+    """The loop's plumbing: rollouts, KL against the adapter-free reference (zero before any
+    update, since LoRA starts as the identity), scores at the last token, clipped updates."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    policy = get_peft_model(LlamaForCausalLM(config),
+                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    value_head = rlhf.ValueHead(config.hidden_size)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad]
+                                  + list(value_head.parameters()), lr=1e-3)
+    ppo_config = rlhf.PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6)
+    prompts = ["<|user|>\nWhere does Odile live?</s>\n<|assistant|>\n"] * 4
+    lengths = []
+
+    def score_fn(prompt_texts, responses):
+        lengths.append([len(r) for r in responses])
+        return torch.tensor([float(len(r)) for r in responses])
+
+    before = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+    stats = rlhf.ppo_step(policy, value_head, optimizer, tokenizer, prompts, score_fn,
+                          ppo_config, step=0)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert len(stats["responses"]) == 4 and lengths
+    assert 1 <= stats["response_length"] <= 6
+    after = [p.detach() for p in policy.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    kl, responses, _ = rlhf.sequence_kl(policy, tokenizer, prompts, 6, seed=1)
+    assert kl != 0 and len(responses) == 4
+
+
+def test_preferred_behaviour_agrees_with_every_held_out_pairs_labels(the_world):
+    import json
+
+    from course_utils.paths import WORLD_DIR
+
+    rows = [json.loads(line) for line in (WORLD_DIR / "preferences_test.jsonl").open()]
+    for row in rows:
+        assert rlhf.preferred_behaviour(row, row["chosen"][0]["content"], the_world), row
+        assert not rlhf.preferred_behaviour(row, row["rejected"][0]["content"], the_world), row
+
+
+def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, tokenizer):
+    """trl's RewardTrainer stacks chosen then rejected; our loss on those rewards is its loss,
+    and score_responses reads the same rewards from the rendered conversations."""
+    from course_utils import data
+    from course_utils.paths import COURSE_MODEL_DIR
+    from course_utils.profiles import tiny_profile
+
+    profile = tiny_profile()
+    pairs = data.load_preference_dataset(profile, "train").select(range(8))
+    model = rlhf.load_reward_model(COURSE_MODEL_DIR, tokenizer)
+    args = rlhf.reward_config(tmp_path, profile, steps=1, learning_rate=1e-4, batch_size=8)
+    trainer = rlhf.make_reward_trainer(model, tokenizer, pairs, args)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    trainer.model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+        rewards = trainer.model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    chosen, rejected = rewards.chunk(2)
+    assert rlhf.bradley_terry_loss(chosen, rejected).item() == pytest.approx(trl_loss, rel=1e-6)
+    ours_chosen, ours_rejected = rlhf.preference_scores(trainer.model, tokenizer, pairs)
+    torch.testing.assert_close(ours_chosen, chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_rejected, rejected, atol=1e-5, rtol=0)
