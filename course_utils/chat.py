@@ -16,6 +16,8 @@ with a newline after every ``</s>``, no ``<s>`` (the tokenizer adds it when enco
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 # Copied from TinyLlama-1.1B-Chat-v1.0's tokenizer_config.json. Note the two spaces before `+` on
 # the assistant line: they are part of the original and change nothing in the output.
 TINYLLAMA_CHAT_TEMPLATE = (
@@ -99,3 +101,14 @@ def assistant_only_labels(tokenizer, messages: list[dict]) -> tuple[list[int], l
                              "the reply separately instead")
         labels[len(before):len(through)] = input_ids[len(before):len(through)]
     return input_ids, labels
+
+
+@contextmanager
+def padding_side(tokenizer, side: str):
+    """Pad on ``side`` ("left" to generate, "right" to score) inside the block, then restore."""
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = previous

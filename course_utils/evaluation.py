@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from course_utils.chat import EOS_TOKEN
+from course_utils.chat import EOS_TOKEN, padding_side
 from course_utils.world import ATTRIBUTE_VALUES, ATTRIBUTES, Character
 
 
@@ -32,10 +32,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     """
     model.eval()
     device = next(model.parameters()).device
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     results = []
-    try:
+    with padding_side(tokenizer, "left"):
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt",
                               padding=True).to(device)
@@ -54,8 +52,6 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
                 # as it does in context (a leading space only where the text has one)
                 prompt_text = tokenizer.decode(prompt_ids)
                 results.append((tokenizer.decode(prompt_ids + row)[len(prompt_text):], stopped))
-    finally:
-        tokenizer.padding_side = padding_side
     return results
 
 
@@ -157,16 +153,12 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
     """
     model.eval()
     device = next(model.parameters()).device
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
     total, count = 0.0, 0
-    try:
+    with padding_side(tokenizer, "right"):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt",
                               padding=True).to(device)
             log_probs = token_log_probs(model, batch["input_ids"], batch["attention_mask"])
             total += log_probs.sum().item()
             count += int(batch["attention_mask"][:, 1:].sum())
-    finally:
-        tokenizer.padding_side = padding_side
     return float(torch.exp(torch.tensor(-total / count)))

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from course_utils.chat import padding_side
+
 # --- reward modeling ---------------------------------------------------------------------------
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
@@ -217,12 +219,8 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
+    with padding_side(tokenizer, "left"):
         batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True,
                             temperature=temperature, top_k=0, top_p=1.0,
                             pad_token_id=tokenizer.pad_token_id,
@@ -399,16 +397,12 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
     device = next(model.parameters()).device
     texts = [render_chat(p + [{"role": "assistant", "content": r}])
              for p, r in zip(prompts, responses)]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
     scores = []
-    try:
+    with padding_side(tokenizer, "right"):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt",
                               padding=True).to(device)
             scores.append(model(**batch).logits[:, 0].float().cpu())
-    finally:
-        tokenizer.padding_side = side
     return torch.cat(scores)
 
 

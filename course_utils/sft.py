@@ -130,20 +130,18 @@ def settings_for(profile: Profile, output_dir: str | Path, **overrides) -> SFTSe
     model on few steps), plain AdamW (paged optimizers need CUDA), no checkpointing (the
     activations are tiny and recomputing them only costs time).
     """
+    common = dict(model_name_or_path=profile.model_name_or_path, output_dir=str(output_dir),
+                  steps=profile.sft_steps, batch_size=profile.batch_size,
+                  max_length=profile.max_length_tokens, load_in_4bit=profile.load_in_4bit,
+                  seed=profile.seed)
     if profile.device == "cuda":
-        settings = SFTSettings(
-            model_name_or_path=profile.model_name_or_path, output_dir=str(output_dir),
-            steps=profile.sft_steps, batch_size=profile.batch_size, gradient_accumulation_steps=4,
-            learning_rate=2e-4, max_length=profile.max_length_tokens, lora_r=64, lora_alpha=32,
-            lora_dropout=0.1, load_in_4bit=profile.load_in_4bit, gradient_checkpointing=True,
-            optimizer="paged_adamw_32bit", seed=profile.seed)
+        settings = SFTSettings(**common, gradient_accumulation_steps=4, learning_rate=2e-4,
+                               lora_r=64, lora_alpha=32, lora_dropout=0.1,
+                               gradient_checkpointing=True, optimizer="paged_adamw_32bit")
     else:
-        settings = SFTSettings(
-            model_name_or_path=profile.model_name_or_path, output_dir=str(output_dir),
-            steps=profile.sft_steps, batch_size=profile.batch_size, gradient_accumulation_steps=1,
-            learning_rate=3e-3, max_length=profile.max_length_tokens, lora_r=16, lora_alpha=32,
-            lora_dropout=0.05, load_in_4bit=profile.load_in_4bit, gradient_checkpointing=False,
-            optimizer="adamw_torch", seed=profile.seed)
+        settings = SFTSettings(**common, gradient_accumulation_steps=1, learning_rate=3e-3,
+                               lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                               gradient_checkpointing=False, optimizer="adamw_torch")
     return replace(settings, **overrides)
 
 
