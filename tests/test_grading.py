@@ -315,6 +315,58 @@ EX06_VARIANTS = {
     "q3_last_column": ({"def last_token_scores": SCORES_LAST_COLUMN},
                        {**FULL_06, "q3_last_token_scores": 0}),
 }
+GAE_FORWARDS = '''
+def gae(rewards, values, mask, gamma, lam):
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1]):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value * mask[:, t] - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+'''
+GAE_BOOTSTRAPS_FROM_PADDING = '''
+def gae(rewards, values, mask, gamma, lam):
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+'''
+SCORE_AT_LAST_COLUMN = '''
+def shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    rewards[:, -1] += scores
+    return rewards
+'''
+CLIP_WRONG_SIDE = '''
+def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, eps):
+    ratio = torch.exp(logprobs - old_logprobs)
+    objective = torch.maximum(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
+    return -(objective * mask).sum() / mask.sum()
+'''
+CLIP_MISSING = '''
+def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, eps):
+    ratio = torch.exp(logprobs - old_logprobs)
+    return -(ratio * advantages * mask).sum() / mask.sum()
+'''
+FULL_07 = {"q1_gae": 2, "q2_shaped_rewards": 1, "q3_ppo_clip_loss": 2}
+EX07_VARIANTS = {
+    "correct": ({}, FULL_07),
+    "q1_advantages_not_reversed": ({"def gae": GAE_FORWARDS}, {**FULL_07, "q1_gae": 0}),
+    "q1_bootstraps_from_padding": ({"def gae": GAE_BOOTSTRAPS_FROM_PADDING},
+                                   {**FULL_07, "q1_gae": 0}),
+    "q2_score_at_last_column": ({"def shaped_rewards": SCORE_AT_LAST_COLUMN},
+                                {**FULL_07, "q2_shaped_rewards": 0}),
+    "q3_clip_on_the_wrong_side": ({"def ppo_clip_loss": CLIP_WRONG_SIDE},
+                                  {**FULL_07, "q3_ppo_clip_loss": 0}),
+    "q3_no_clip": ({"def ppo_clip_loss": CLIP_MISSING}, {**FULL_07, "q3_ppo_clip_loss": 0}),
+}
 # every wrong variant of every exercise, as "exercise/variant" students of one class
 VARIANTS = {f"{exercise}/{k}": v
             for exercise, variants in [("ex00_warmup", EX00_VARIANTS), ("ex01_memory", EX01_VARIANTS),
@@ -322,7 +374,8 @@ VARIANTS = {f"{exercise}/{k}": v
                                        ("ex03_adapters_ia3", EX03_VARIANTS),
                                        ("ex04_nf4", EX04_VARIANTS),
                                        ("ex05_sft_data", EX05_VARIANTS),
-                                       ("ex06_reward_model", EX06_VARIANTS)]
+                                       ("ex06_reward_model", EX06_VARIANTS),
+                                       ("ex07_ppo", EX07_VARIANTS)]
             for k, v in variants.items()}
 
 EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",
