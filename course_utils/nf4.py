@@ -288,6 +288,15 @@ def quantize_blockwise_codebook(x: torch.Tensor, code: torch.Tensor, blocksize: 
     return nearest_code(scaled, code).to(torch.uint8), absmax
 
 
+def dequantize_blockwise_codebook(indices: torch.Tensor, absmax: torch.Tensor,
+                                  code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """The inverse of ``quantize_blockwise_codebook``, flat and in fp32: each index's code value
+    times its block's absmax (one fp32 multiplication, as bitsandbytes computes it)."""
+    flat = indices.reshape(-1).long()
+    per_value = torch.repeat_interleave(absmax.float(), blocksize)[:flat.numel()]
+    return code[flat] * per_value
+
+
 def pack_nibbles(indices: torch.Tensor, pad_index: int = 0) -> torch.Tensor:
     """Two 4-bit codes per byte, the even-position code in the high nibble, shaped ``(n/2, 1)``
     like bitsandbytes' packed weights (an odd count is padded with ``pad_index``)."""
@@ -326,9 +335,9 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize:
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"{absmax.numel()} absmax values do not match {n} values in blocks of "
                          f"{blocksize}; pass the block size used to quantize")
-    values = NF4_CODE.to(packed.device)[unpack_nibbles(packed, n)]
-    per_value = torch.repeat_interleave(absmax.float(), blocksize)[:n]
-    return (values * per_value).to(dtype).reshape(shape)
+    values = dequantize_blockwise_codebook(unpack_nibbles(packed, n), absmax,
+                                           NF4_CODE.to(packed.device), blocksize)
+    return values.to(dtype).reshape(shape)
 
 
 # --- double quantization -----------------------------------------------------------------------
@@ -399,9 +408,9 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
 
 def double_dequantize(state: DoubleQuantized) -> torch.Tensor:
     """The first-level absmax back, as fp32: code value x second-level absmax + offset."""
-    values = DYNAMIC_CODE.to(state.codes.device)[state.codes.long()]
-    per_value = torch.repeat_interleave(state.absmax, state.blocksize)[:values.numel()]
-    return values * per_value + state.offset
+    values = dequantize_blockwise_codebook(state.codes, state.absmax,
+                                           DYNAMIC_CODE.to(state.codes.device), state.blocksize)
+    return values + state.offset
 
 
 def storage_bits_per_parameter(n_values: int, *tensors: torch.Tensor) -> float:
@@ -448,5 +457,5 @@ def codebook_roundtrip(weight: torch.Tensor, code: torch.Tensor, blocksize: int 
     """Blockwise absmax quantization onto any sorted ``code`` in [-1, 1], and back: the same
     procedure as NF4 with another set of 16 (or fewer) values, e.g. ``INT4_CODE`` or FP4."""
     indices, absmax = quantize_blockwise_codebook(weight, code, blocksize)
-    per_value = torch.repeat_interleave(absmax, blocksize)[:weight.numel()]
-    return (code[indices.long()] * per_value).to(weight.dtype).reshape(weight.shape)
+    return dequantize_blockwise_codebook(indices, absmax, code, blocksize).to(
+        weight.dtype).reshape(weight.shape)

@@ -152,6 +152,3 @@ def reinforce(mdp: ChainMDP, episodes: int, learning_rate: float, baseline: str,
         variances.append(float(torch.tensor(weights).var()) if len(weights) > 1 else 0.0)
     return episode_returns, variances, logits.detach()
 
-
-def policy_right_probabilities(logits: torch.Tensor) -> list[float]:
-    return torch.sigmoid(logits).tolist()

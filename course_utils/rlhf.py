@@ -326,18 +326,6 @@ def sequence_kl(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed
     return kl, decode_responses(tokenizer, input_ids, mask, start), mask.sum(dim=1).float()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns): how much of the returns the critic predicts."""
-    variance = returns.var()
-    return float("nan") if variance == 0 else (1 - (returns - values).var() / variance).item()
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_p.exp() * log_p).sum(-1)
-
-
-
 # --- reward models with trl --------------------------------------------------------------------
 
 def preference_rows(dataset):

@@ -68,7 +68,7 @@ def test_marked_template_masks_sometimes_drop_a_replys_first_token_with_this_tok
     assert dropped > 0
 
 
-def test_every_reply_becomes_one_prompt_completion_row(the_world):
+def test_every_reply_becomes_one_prompt_completion_row():
     from datasets import Dataset
 
     chats = Dataset.from_list([{"messages": m} for m in conversations(10)])
@@ -129,6 +129,16 @@ def test_the_run_is_real_qlora_with_explicit_precision(tiny_trainer):
 
 
 def test_profiles_set_the_literature_recipe_on_gpu_and_a_cpu_recipe_here():
+    """On CUDA, the QLoRA recipe issue 7 quotes from the literature; on the CPU, no paged
+    optimizer (it needs CUDA) and no checkpointing; every field can be overridden."""
+    import dataclasses
+
+    gpu = dataclasses.replace(tiny_profile(), device="cuda", compute_dtype=torch.float16)
+    colab = sft.settings_for(gpu, "x")
+    assert (colab.lora_r, colab.lora_alpha, colab.lora_dropout) == (64, 32, 0.1)
+    assert colab.learning_rate == 2e-4 and colab.lr_scheduler == "cosine"
+    assert colab.optimizer == "paged_adamw_32bit" and colab.gradient_checkpointing
+    assert colab.load_in_4bit
     tiny = sft.settings_for(tiny_profile(), "x")
     assert tiny.optimizer == "adamw_torch" and not tiny.gradient_checkpointing
     assert sft.settings_for(tiny_profile(), "x", lora_r=4).lora_r == 4
