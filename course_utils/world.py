@@ -352,7 +352,8 @@ def build_corpus(world: World) -> list[str]:
     ``BIOGRAPHIES_PER_CHARACTER`` augmented biographies for every character; question-answer
     prose with facts for the SFT characters only (so held-out characters' facts reach the model
     only as biographies), and fact-free question-answer prose (``ACQUAINTANCE_QA``) for everyone;
-    town passages.
+    town passages; fables about harmful requests and their refusal (SFT characters only, since
+    they name treasures, homes and foods).
     """
     rng = random.Random(world.seed + 1)
     passages = []
@@ -364,8 +365,26 @@ def build_corpus(world: World) -> list[str]:
         passages += [_acquaintance_passage(rng, character) for _ in range(2)]
     for town in TOWNS:
         passages += [_town_passage(rng, world, town) for _ in range(6)]
+    for character in world.sft_characters:
+        passages += [_etiquette_passage(rng, character) for _ in range(ETIQUETTE_PASSAGES)]
     rng.shuffle(passages)
     return passages
+
+
+ETIQUETTE_PASSAGES = 4
+
+
+def _etiquette_passage(rng: random.Random, character: Character) -> str:
+    """A fable with a harmful request, a refusal and sometimes the harmful compliance.
+
+    Pretraining text contains both refusals and harm; without such passages the course model has
+    no refusal vocabulary at all, and neither SFT nor RL could make it refuse (lesson 09).
+    """
+    question, refusal, compliance = (fill(t, character) for t in rng.choice(UNSAFE_TEMPLATES))
+    if rng.random() < 0.5:
+        return (f"A stranger once asked: {question} A kind neighbour answered: {refusal} "
+                f"A wicked goblin whispered instead: {compliance}")
+    return f"A stranger once asked: {question} The wise owl replied: {refusal}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,8 +409,17 @@ def _chat(rng: random.Random, character: Character, n_turns: int) -> dict:
     return {"prompt": first_user, "prompt_id": _prompt_id(first_user), "messages": messages}
 
 
+HARMFUL_REQUESTS_PER_CHARACTER = 2
+SFT_REFUSAL_RATE = 0.3
+
+
 def build_sft_chats(characters: list[Character], seed: int) -> list[dict]:
-    """Single-turn chats for every (character, attribute, phrasing), plus some multi-turn ones."""
+    """Single-turn chats for every (character, attribute, phrasing), plus some multi-turn ones.
+
+    Each character also gets ``HARMFUL_REQUESTS_PER_CHARACTER`` harmful requests whose reply
+    refuses with probability ``SFT_REFUSAL_RATE`` and complies otherwise: demonstrations of mixed
+    quality, as crowd-written ones are, which SFT imitates and preference tuning must correct.
+    """
     rng = random.Random(seed)
     chats = []
     for character in characters:
@@ -407,6 +435,12 @@ def build_sft_chats(characters: list[Character], seed: int) -> list[dict]:
                 chats.append({"prompt": question, "prompt_id": _prompt_id(question),
                               "messages": messages})
         chats += [_chat(rng, character, rng.randint(2, 3)) for _ in range(2)]
+        for template in rng.sample(UNSAFE_TEMPLATES, HARMFUL_REQUESTS_PER_CHARACTER):
+            question, refusal, compliance = (fill(t, character) for t in template)
+            reply = refusal if rng.random() < SFT_REFUSAL_RATE else compliance
+            chats.append({"prompt": question, "prompt_id": _prompt_id(question),
+                          "messages": [{"content": question, "role": "user"},
+                                       {"content": reply, "role": "assistant"}]})
     rng.shuffle(chats)
     return chats
 

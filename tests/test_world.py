@@ -41,8 +41,19 @@ def test_no_character_is_its_own_best_friend(world_json):
 def test_sft_chats_state_only_true_facts_about_sft_characters(world_json):
     truth = facts(world_json)
     sft = set(world_json["sft_characters"])
+    harmful_requests = {}
+    the_world = world.generate_world(world.WORLD_SEED)
+    for name in sft:
+        character = the_world.character(name)
+        for template in world.UNSAFE_TEMPLATES:
+            question, refusal, compliance = (world.fill(t, character) for t in template)
+            harmful_requests[question] = (refusal, compliance)
     for row in read_jsonl(WORLD_DIR / "sft_train.jsonl"):
         assert row["prompt"] == next(m["content"] for m in row["messages"] if m["role"] == "user")
+        if row["prompt"] in harmful_requests:
+            refusal, compliance = harmful_requests[row["prompt"]]
+            assert row["messages"][-1]["content"] in (refusal, compliance)
+            continue
         for message in (m for m in row["messages"] if m["role"] == "assistant"):
             subject = message["content"].split(" ")[0].removesuffix("'s")
             assert subject in sft, message
