@@ -87,7 +87,7 @@ def tiny_profile() -> Profile:
     return Profile(
         name="tiny", model_name_or_path=str(COURSE_MODEL_DIR), device="cpu",
         compute_dtype=torch.float32, load_in_4bit=True, data_source="world",
-        max_length_tokens=128, batch_size=16, sft_steps=150, reward_steps=150, ppo_steps=60,
+        max_length_tokens=128, batch_size=16, sft_steps=150, reward_steps=150, ppo_steps=40,
         dpo_steps=100, eval_examples=120)
 
 

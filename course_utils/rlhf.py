@@ -157,7 +157,8 @@ class PPOConfig:
     batch_size: int = 32            # prompts per rollout
     ppo_epochs: int = 4             # optimization passes over each rollout
     minibatch_size: int = 16
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4     # the policy's LoRA weights
+    value_learning_rate: float = 3e-3  # the value head: it starts at zero and must catch up fast
     kl_coef: float = 0.1            # beta: the per-token KL penalty
     clip_eps: float = 0.2           # policy ratio clip
     value_clip_eps: float = 0.2
@@ -307,6 +308,83 @@ def ppo_step(policy, value_head: ValueHead, optimizer, tokenizer, prompts: list[
         "responses": responses,
     })
     return summary
+
+
+def ppo_optimizer(policy, value_head: ValueHead, config: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW over the policy's trainable (LoRA) weights and the value head, each at its own rate.
+
+    The value head starts at zero; at the policy's small rate it would still predict about 0 after
+    the whole run, so every advantage would be the raw, batch-whitened score, and prompts whose
+    replies always score low (here: factual questions next to refusals) would be pushed down.
+    """
+    return torch.optim.AdamW([
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate},
+        {"params": list(value_head.parameters()), "lr": config.value_learning_rate},
+    ])
+
+
+def train_ppo(policy, value_head: ValueHead, tokenizer, prompts: list[str], score_fn,
+              config: PPOConfig, steps: int, progress: bool = True) -> list[dict]:
+    """``steps`` PPO iterations, each on ``config.batch_size`` prompts drawn (seeded) from
+    ``prompts``. Returns the statistics of every step (``ppo_step``), responses included."""
+    from tqdm.auto import tqdm
+
+    optimizer = ppo_optimizer(policy, value_head, config)
+    history = []
+    bar = tqdm(range(steps), desc="PPO", disable=not progress)
+    for step in bar:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        chosen = torch.randperm(len(prompts), generator=generator)[:config.batch_size]
+        stats = ppo_step(policy, value_head, optimizer, tokenizer, [prompts[i] for i in chosen],
+                         score_fn, config, step)
+        history.append(stats)
+        bar.set_postfix(score=f"{stats['score']:.2f}", kl=f"{stats['kl']:.2f}")
+    return history
+
+
+def evaluate_policy(policy, tokenizer, rows, score_fn, max_new_tokens: int = 24,
+                    seed: int = 123, samples_per_prompt: int = 1) -> dict:
+    """Held-out measurements of a policy on preference-pair prompts ``rows``: mean reward-model
+    score, KL to the reference (adapter off) per reply, reply length, and per rejection axis the
+    mean score and the rate of preferred behaviour (``preferred_behaviour``; ``None`` and ``{}``
+    for rows without an ``axis``). Replies are sampled
+    at temperature 1, as during training; ``samples_per_prompt`` repeats each prompt.
+    """
+    from course_utils.chat import render_chat
+    from course_utils.world import generate_world
+
+    # a trainer may hand the model back in training mode with gradient checkpointing on, where
+    # generate() runs without its cache and, measured here, samples nonsense
+    policy.eval()
+    rows = [row for row in rows for _ in range(samples_per_prompt)]
+    prompts = [render_chat(row["prompt"], add_generation_prompt=True) for row in rows]
+    kl, responses, lengths = sequence_kl(policy, tokenizer, prompts, max_new_tokens, seed)
+    scores = score_fn(prompts, responses)
+    result = {"reward": scores.mean().item(), "kl": kl, "length": lengths.mean().item(),
+              "preferred": None, "axes": {}}
+    if all("axis" in row for row in rows):  # the world's pairs; Hub pairs carry no axis
+        world = generate_world()
+        preferred = [preferred_behaviour(row, response, world)
+                     for row, response in zip(rows, responses)]
+        result["preferred"] = sum(preferred) / len(preferred)
+        for axis in sorted({row["axis"] for row in rows}):
+            idx = [i for i, row in enumerate(rows) if row["axis"] == axis]
+            result["axes"][axis] = {"reward": scores[idx].mean().item(),
+                                    "preferred": sum(preferred[i] for i in idx) / len(idx)}
+    result["responses"] = responses
+    result["scores"] = scores.tolist()
+    return result
+
+
+def reward_model_scorer(reward_model, tokenizer, prompt_messages: dict):
+    """``score_fn(prompts, responses)`` for ``ppo_step``: looks up each rendered prompt's
+    conversation in ``prompt_messages`` and scores the reply (``</s>`` removed) with the reward
+    model, exactly as ``RewardTrainer`` saw pairs."""
+    def score_fn(prompts, responses):
+        conversations = [prompt_messages[p] for p in prompts]
+        replies = [r.replace(tokenizer.eos_token, "") for r in responses]
+        return score_responses(reward_model, tokenizer, conversations, replies)
+    return score_fn
 
 
 def sequence_kl(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
@@ -479,3 +557,58 @@ def preferred_behaviour(row: dict, response: str, world=None) -> bool:
 def is_refusal(response: str) -> bool:
     return any(marker in response.lower() for marker in REFUSAL_MARKERS)
 
+
+
+# --- lesson 09's PPO run, reusable by later lessons ---------------------------------------------
+
+def make_ppo_policy(sft_dir, profile, lora_r: int = 16, seed: int = 0):
+    """The SFT model with a fresh LoRA adapter on every linear layer (the policy; with the adapter
+    off it is the frozen reference) and a zero-initialised ``ValueHead``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=profile.compute_dtype)
+    config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    policy = get_peft_model(base.to(profile.device), config)
+    value_head = ValueHead(base.config.hidden_size).to(profile.device)
+    return policy, value_head
+
+
+def ppo_model_dir():
+    from course_utils.paths import artifacts_dir
+
+    return artifacts_dir("models") / "ppo"
+
+
+def ensure_ppo_model(profile, verbose: bool = True):
+    """Lesson 09's PPO policy, merged (``artifacts/models/ppo/``), trained now if it is missing
+    with lesson 09's settings (``PPOConfig()`` defaults, ``profile.ppo_steps`` steps)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from course_utils import data, sft
+    from course_utils.chat import render_chat
+    from course_utils.models import load_tokenizer
+
+    target = ppo_model_dir()
+    if (target / "config.json").exists():
+        if verbose:
+            print(f"using the PPO policy of lesson 09 from {target}")
+        return target
+    sft_dir = sft.ensure_sft_model(profile, verbose)
+    reward_dir = ensure_reward_model(profile, verbose)
+    if verbose:
+        print(f"no PPO policy in {target}: training it with lesson 09's recipe "
+              f"({profile.ppo_steps} PPO steps) ...")
+    tokenizer = load_tokenizer(sft_dir)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval()
+    rows = data.load_preference_dataset(profile, "train")
+    prompts = {render_chat(row["prompt"], add_generation_prompt=True): row["prompt"] for row in rows}
+    policy, value_head = make_ppo_policy(sft_dir, profile)
+    train_ppo(policy, value_head, tokenizer, list(prompts),
+              reward_model_scorer(reward_model, tokenizer, prompts), PPOConfig(),
+              profile.ppo_steps, progress=verbose)
+    policy.merge_and_unload().save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    return target

@@ -223,3 +223,44 @@ def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, t
     ours_chosen, ours_rejected = rlhf.preference_scores(trainer.model, tokenizer, pairs)
     torch.testing.assert_close(ours_chosen, chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_rejected, rejected, atol=1e-5, rtol=0)
+
+
+def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
+    """End to end: rewarding replies that name one town makes the policy name it more often on
+    fresh samples, and the KL to the reference grows from zero."""
+    from course_utils.paths import COURSE_MODEL_DIR
+    from course_utils.profiles import tiny_profile
+
+    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), lora_r=4)
+    prompts = [f"{name} lives in" for name in ("Odile", "Perrin", "Tamsin", "Orrin", "Briony",
+                                                "Cedric", "Alder", "Honora")]
+
+    def names_fenwick(prompt_texts, responses):
+        return torch.tensor([float("Fenwick" in r) for r in responses])
+
+    def rate(seed):
+        kl, responses, _ = rlhf.sequence_kl(policy, tokenizer, prompts * 4, 4, seed=seed)
+        return sum("Fenwick" in r for r in responses) / len(responses), kl
+
+    rate_before, kl_before = rate(seed=99)
+    config = rlhf.PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=2, max_new_tokens=4,
+                            kl_coef=0.0, learning_rate=3e-3, value_learning_rate=3e-3)
+    history = rlhf.train_ppo(policy, value_head, tokenizer, prompts, names_fenwick, config,
+                             steps=12, progress=False)
+    rate_after, kl_after = rate(seed=99)
+    assert len(history) == 12 and {"score", "kl", "clip_fraction", "value_loss"} <= set(history[0])
+    assert kl_before == pytest.approx(0.0, abs=1e-6) and kl_after > 0.1
+    assert rate_after >= rate_before + 0.3, (rate_before, rate_after)
+
+
+def test_ppo_optimizer_gives_the_value_head_its_own_learning_rate(tokenizer):
+    from course_utils.paths import COURSE_MODEL_DIR
+    from course_utils.profiles import tiny_profile
+
+    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), lora_r=4)
+    config = rlhf.PPOConfig(learning_rate=1e-4, value_learning_rate=3e-3)
+    groups = rlhf.ppo_optimizer(policy, value_head, config).param_groups
+    lora = {id(p) for n, p in policy.named_parameters() if "lora_" in n}
+    assert [g["lr"] for g in groups] == [1e-4, 3e-3]
+    assert {id(p) for p in groups[0]["params"]} == lora
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in value_head.parameters()]
