@@ -343,12 +343,14 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts: list[str], scor
 
 
 def evaluate_policy(policy, tokenizer, rows, score_fn, max_new_tokens: int = 24,
-                    seed: int = 123, samples_per_prompt: int = 1) -> dict:
+                    seed: int = 123, samples_per_prompt: int = 1, reference=None) -> dict:
     """Held-out measurements of a policy on preference-pair prompts ``rows``: mean reward-model
     score, KL to the reference (adapter off) per reply, reply length, and per rejection axis the
     mean score and the rate of preferred behaviour (``preferred_behaviour``; ``None`` and ``{}``
     for rows without an ``axis``). Replies are sampled
-    at temperature 1, as during training; ``samples_per_prompt`` repeats each prompt.
+    at temperature 1, as during training; ``samples_per_prompt`` repeats each prompt. The KL is
+    against ``reference`` if given (e.g. the SFT model for a merged policy), else against
+    ``policy`` with its adapter disabled.
     """
     from course_utils.chat import render_chat
     from course_utils.world import generate_world
@@ -358,7 +360,8 @@ def evaluate_policy(policy, tokenizer, rows, score_fn, max_new_tokens: int = 24,
     policy.eval()
     rows = [row for row in rows for _ in range(samples_per_prompt)]
     prompts = [render_chat(row["prompt"], add_generation_prompt=True) for row in rows]
-    kl, responses, lengths = sequence_kl(policy, tokenizer, prompts, max_new_tokens, seed)
+    kl, responses, lengths = sequence_kl(policy, tokenizer, prompts, max_new_tokens, seed,
+                                         reference=reference)
     scores = score_fn(prompts, responses)
     result = {"reward": scores.mean().item(), "kl": kl, "length": lengths.mean().item(),
               "preferred": None, "axes": {}}
@@ -388,17 +391,24 @@ def reward_model_scorer(reward_model, tokenizer, prompt_messages: dict):
 
 
 def sequence_kl(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                temperature: float = 1.0) -> tuple[float, list[str], torch.Tensor]:
+                temperature: float = 1.0, reference=None) -> tuple[float, list[str], torch.Tensor]:
     """Monte Carlo KL(policy || reference) per response, from responses sampled by the policy:
-    the mean over samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``. Returns the KL, the
+    the mean over samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``. The reference is
+    ``reference`` if given, else ``policy`` with its adapter disabled. Returns the KL, the
     responses and their lengths."""
+    from contextlib import nullcontext
+
     input_ids, attention_mask, mask, start = generate_responses(
         policy, tokenizer, prompts, max_new_tokens, temperature, generator_seed=seed)
     with torch.no_grad():
         logprobs, _ = response_logprobs(policy, input_ids, attention_mask, start,
                                         temperature=temperature)
-        with policy.disable_adapter():
-            ref_logprobs, _ = response_logprobs(policy, input_ids, attention_mask, start,
+        if reference is None:
+            reference, context = policy, policy.disable_adapter()
+        else:
+            reference, context = reference.eval(), nullcontext()
+        with context:
+            ref_logprobs, _ = response_logprobs(reference, input_ids, attention_mask, start,
                                                 temperature=temperature)
     kl = ((logprobs - ref_logprobs) * mask).sum(dim=1).mean().item()
     return kl, decode_responses(tokenizer, input_ids, mask, start), mask.sum(dim=1).float()
@@ -610,5 +620,165 @@ def ensure_ppo_model(profile, verbose: bool = True):
               reward_model_scorer(reward_model, tokenizer, prompts), PPOConfig(),
               profile.ppo_steps, progress=verbose)
     policy.merge_and_unload().save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    return target
+
+
+# --- DPO (lesson 10) ----------------------------------------------------------------------------
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
+                      completion_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of the completion tokens of each sequence, ``[batch]``.
+
+    ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, hence the shift by one; only tokens with
+    ``completion_mask`` 1 count (the prompt and padding are masked out). This is how trl's
+    ``DPOTrainer`` scores a reply.
+    """
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = input_ids[:, 1:]
+    per_token = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (per_token * completion_mask[:, 1:].to(per_token.dtype)).sum(dim=1)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float):
+    """The DPO loss (Rafailov et al. 2023, eq. 7), averaged over the batch, and the implicit
+    rewards ``beta * log(pi / pi_ref)`` of the chosen and rejected replies (detached).
+
+    ``-log sigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))))``
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def dpo_config(output_dir, profile, steps: int, learning_rate: float, beta: float,
+               batch_size: int, seed: int = 0, **overrides):
+    """trl ``DPOConfig`` with precision set per device and the course's logging."""
+    from trl import DPOConfig
+
+    kwargs = dict(output_dir=str(output_dir), max_steps=steps, learning_rate=learning_rate,
+                  beta=beta, per_device_train_batch_size=batch_size, lr_scheduler_type="cosine",
+                  warmup_steps=max(1, steps // 20), max_length=256,
+                  bf16=profile.bf16, fp16=profile.fp16, use_cpu=profile.use_cpu,
+                  gradient_checkpointing=False, logging_steps=5, save_strategy="no",
+                  report_to="none", seed=seed, data_seed=seed, dataloader_num_workers=0)
+    kwargs.update(overrides)
+    return DPOConfig(**kwargs)
+
+
+def make_dpo_trainer(model, tokenizer, train_dataset, args, peft_config=None, eval_dataset=None):
+    """trl ``DPOTrainer`` on the course's preference rows (``<s>`` first, as in every stage).
+    With a peft model or ``peft_config`` and no reference model, the reference is the policy
+    with its adapter disabled."""
+    from trl import DPOTrainer
+
+    from course_utils.sft import training_tokenizer
+
+    torch.manual_seed(args.seed)
+    return DPOTrainer(model=model, args=args, train_dataset=preference_rows(train_dataset),
+                      eval_dataset=None if eval_dataset is None else preference_rows(eval_dataset),
+                      processing_class=training_tokenizer(tokenizer), peft_config=peft_config)
+
+
+@torch.no_grad()
+def pair_logprobs(model, trainer, split: str = "eval", batch_size: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probabilities of every pair's chosen and rejected reply under
+    ``model``, for the ``trainer``'s (a ``DPOTrainer``) ``"train"`` or ``"eval"`` data set,
+    tokenized and collated exactly as the trainer does."""
+    prepared = trainer.train_dataset if split == "train" else trainer.eval_dataset
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    rows = [{c: row[c] for c in columns} for row in prepared]
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for begin in range(0, len(rows), batch_size):
+        batch = trainer.data_collator(rows[begin:begin + batch_size])
+        input_ids = batch["input_ids"].to(device)
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+        logps = sequence_logprobs(logits, input_ids, batch["completion_mask"].to(device)).cpu()
+        chosen_logps, rejected_logps = logps.chunk(2)
+        chosen.append(chosen_logps)
+        rejected.append(rejected_logps)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def dpo_model_dir():
+    from course_utils.paths import artifacts_dir
+
+    return artifacts_dir("models") / "dpo"
+
+
+def dpo_settings(profile) -> tuple[float, float]:
+    """``(beta, learning_rate)`` of lesson 10's DPO run. ``colab``: the literature's QLoRA DPO
+    setting (beta 0.1, lr 1e-5); ``tiny``: chosen by a sweep on the course model (lr 5e-5 to
+    5e-4, beta 0.05 to 1.0): smaller betas at this step size fitted the pairs but degraded the
+    generated replies."""
+    return (0.3, 2e-4) if profile.name == "tiny" else (0.1, 1e-5)
+
+
+def load_dpo_policy(sft_dir, profile):
+    """The SFT model as DPO's starting point: NF4 weights when ``profile.load_in_4bit`` (QLoRA
+    DPO), prepared for k-bit training, with bitsandbytes' CPU repacking switched off (an
+    evaluation pass before training would otherwise corrupt it; see
+    ``models.keep_cpu_4bit_weights_trainable``)."""
+    from peft import prepare_model_for_kbit_training
+
+    from course_utils.models import keep_cpu_4bit_weights_trainable, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(profile, model_name_or_path=sft_dir)
+    if profile.load_in_4bit:
+        keep_cpu_4bit_weights_trainable(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+DPO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                task_type="CAUSAL_LM")
+
+
+def merge_dpo_adapter(sft_dir, adapter_dir, profile):
+    """The literature's stacking: the DPO adapter loaded onto the SFT model in full precision
+    (fp32 on the CPU, fp16 on a GPU; never the 4-bit weights it trained against) and merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if profile.device == "cpu" else torch.float16
+    base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=dtype).to(profile.device)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def ensure_dpo_model(profile, verbose: bool = True):
+    """Lesson 10's DPO model, merged (``artifacts/models/dpo/``), trained now if it is missing
+    with lesson 10's settings (``dpo_settings``, ``profile.dpo_steps`` steps, LoRA)."""
+    from peft import LoraConfig
+
+    from course_utils import data, sft
+    from course_utils.models import load_tokenizer
+    from course_utils.paths import artifacts_dir
+
+    target = dpo_model_dir()
+    if (target / "config.json").exists():
+        if verbose:
+            print(f"using the DPO model of lesson 10 from {target}")
+        return target
+    sft_dir = sft.ensure_sft_model(profile, verbose)
+    if verbose:
+        print(f"no DPO model in {target}: training it with lesson 10's recipe "
+              f"({profile.dpo_steps} steps) ...")
+    beta, learning_rate = dpo_settings(profile)
+    tokenizer = load_tokenizer(sft_dir)
+    output_dir = artifacts_dir("10_dpo") / "rebuild"
+    args = dpo_config(output_dir, profile, profile.dpo_steps, learning_rate, beta, batch_size=16,
+                      disable_tqdm=not verbose)
+    trainer = make_dpo_trainer(load_dpo_policy(sft_dir, profile), tokenizer,
+                               data.load_preference_dataset(profile, "train"), args,
+                               LoraConfig(**DPO_LORA))
+    trainer.train()
+    trainer.save_model(str(output_dir / "adapter"))
+    merged = merge_dpo_adapter(sft_dir, output_dir / "adapter", profile).merge_and_unload()
+    merged.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
     return target

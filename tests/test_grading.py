@@ -367,6 +367,50 @@ EX07_VARIANTS = {
                                   {**FULL_07, "q3_ppo_clip_loss": 0}),
     "q3_no_clip": ({"def ppo_clip_loss": CLIP_MISSING}, {**FULL_07, "q3_ppo_clip_loss": 0}),
 }
+LOGPROB_NO_SHIFT = '''
+def sequence_logprob(logits, input_ids, completion_mask):
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    per_token = logprobs.gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)
+    return (per_token * completion_mask).sum(dim=1)
+'''
+LOGPROB_PADDING_NOT_MASKED = '''
+def sequence_logprob(logits, input_ids, completion_mask):
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    per_token = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    started = completion_mask[:, 1:].cumsum(dim=1) > 0
+    return (per_token * started).sum(dim=1)
+'''
+DPO_REFERENCE_SWAPPED = '''
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    chosen_rewards = beta * (policy_chosen - ref_rejected)
+    rejected_rewards = beta * (policy_rejected - ref_chosen)
+    loss = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, chosen_rewards, rejected_rewards
+'''
+DPO_BETA_MISPLACED = '''
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    gap = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    loss = -beta * torch.nn.functional.logsigmoid(gap).mean()
+    return loss, chosen_rewards, rejected_rewards
+'''
+ACCURACY_TIES_COUNT = '''
+def preference_accuracy(chosen_rewards, rejected_rewards):
+    return (chosen_rewards >= rejected_rewards).float().mean().item()
+'''
+FULL_08 = {"q1_sequence_logprob": 2, "q2_dpo_loss": 2, "q3_preference_accuracy": 1}
+EX08_VARIANTS = {
+    "correct": ({}, FULL_08),
+    "q1_no_shift": ({"def sequence_logprob": LOGPROB_NO_SHIFT}, {**FULL_08, "q1_sequence_logprob": 0}),
+    "q1_padding_not_masked": ({"def sequence_logprob": LOGPROB_PADDING_NOT_MASKED},
+                              {**FULL_08, "q1_sequence_logprob": 0}),
+    "q2_reference_terms_swapped": ({"def dpo_loss": DPO_REFERENCE_SWAPPED},
+                                   {**FULL_08, "q2_dpo_loss": 0}),
+    "q2_beta_misplaced": ({"def dpo_loss": DPO_BETA_MISPLACED}, {**FULL_08, "q2_dpo_loss": 0}),
+    "q3_ties_count_as_wins": ({"def preference_accuracy": ACCURACY_TIES_COUNT},
+                              {**FULL_08, "q3_preference_accuracy": 0}),
+}
 # every wrong variant of every exercise, as "exercise/variant" students of one class
 VARIANTS = {f"{exercise}/{k}": v
             for exercise, variants in [("ex00_warmup", EX00_VARIANTS), ("ex01_memory", EX01_VARIANTS),
@@ -375,7 +419,8 @@ VARIANTS = {f"{exercise}/{k}": v
                                        ("ex04_nf4", EX04_VARIANTS),
                                        ("ex05_sft_data", EX05_VARIANTS),
                                        ("ex06_reward_model", EX06_VARIANTS),
-                                       ("ex07_ppo", EX07_VARIANTS)]
+                                       ("ex07_ppo", EX07_VARIANTS),
+                                       ("ex08_dpo", EX08_VARIANTS)]
             for k, v in variants.items()}
 
 EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",

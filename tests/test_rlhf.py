@@ -264,3 +264,79 @@ def test_ppo_optimizer_gives_the_value_head_its_own_learning_rate(tokenizer):
     assert [g["lr"] for g in groups] == [1e-4, 3e-3]
     assert {id(p) for p in groups[0]["params"]} == lora
     assert [id(p) for p in groups[1]["params"]] == [id(p) for p in value_head.parameters()]
+
+
+# --- DPO -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(10))
+def test_dpo_loss_matches_the_formula_pair_by_pair(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 9, (1,), generator=generator))
+    pc, pr, rc, rr = (torch.randn(n, generator=generator, dtype=torch.float64) * 5 for _ in range(4))
+    beta = [0.01, 0.1, 0.5, 2.0][seed % 4]
+    loss, chosen_rewards, rejected_rewards = rlhf.dpo_loss(pc, pr, rc, rr, beta)
+    expected = 0.0
+    for i in range(n):
+        margin = beta * ((pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item()))
+        expected += math.log1p(math.exp(-margin)) / n  # -log sigmoid(margin)
+        assert chosen_rewards[i].item() == pytest.approx(beta * (pc[i].item() - rc[i].item()))
+        assert rejected_rewards[i].item() == pytest.approx(beta * (pr[i].item() - rr[i].item()))
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_dpo_loss_is_log_2_when_policy_equals_reference_and_falls_with_the_margin():
+    logps = torch.tensor([-3.0, -7.0])
+    loss, _, _ = rlhf.dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2))
+    better, _, _ = rlhf.dpo_loss(logps + 1, logps - 1, logps, logps - 1, beta=0.1)
+    assert better.item() < math.log(2)
+
+
+def test_sequence_logprobs_counts_completion_tokens_only_with_the_shift():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=generator)
+    input_ids = torch.randint(0, 7, (2, 5), generator=generator)
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    expected = []
+    for b in range(2):
+        total = 0.0
+        for t in range(1, 5):
+            if completion_mask[b, t]:
+                total += torch.log_softmax(logits[b, t - 1], dim=-1)[input_ids[b, t]].item()
+        expected.append(total)
+    assert rlhf.sequence_logprobs(logits, input_ids, completion_mask).tolist() == pytest.approx(expected)
+
+
+def test_dpo_loss_equals_dpo_trainers_on_the_same_batch(tmp_path, tokenizer):
+    """Our log-probabilities and loss against trl's on one collated batch, with an adapter that
+    already moves the policy away from the reference (random B), so the loss is not log 2."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from course_utils import data
+    from course_utils.paths import COURSE_MODEL_DIR
+    from course_utils.profiles import tiny_profile
+
+    profile = tiny_profile()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(COURSE_MODEL_DIR))
+    pairs = data.load_preference_dataset(profile, "train").select(range(8))
+    args = rlhf.dpo_config(tmp_path, profile, steps=1, learning_rate=1e-3, beta=0.3, batch_size=8)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                             init_lora_weights=False)
+    trainer = rlhf.make_dpo_trainer(model, tokenizer, pairs, args, peft_config=peft_config)
+    batch = next(iter(trainer.get_train_dataloader()))
+    policy = trainer.model
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(policy, batch).item()
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = rlhf.sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+        with policy.disable_adapter():
+            ref_logits = policy(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"]).logits
+        ref_logps = rlhf.sequence_logprobs(ref_logits, batch["input_ids"], batch["completion_mask"])
+    ours, chosen_rewards, _ = rlhf.dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=0.3)
+    assert abs(ours.item() - math.log(2)) > 1e-3
+    assert ours.item() == pytest.approx(trl_loss, abs=1e-5)
+    assert trainer._metrics["train"]["rewards/chosen"][-1] == pytest.approx(
+        chosen_rewards.mean().item(), abs=1e-5)
