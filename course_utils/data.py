@@ -134,3 +134,33 @@ def load_preference_dataset(profile: Profile, split: str = "train"):
         parts = load_orca_dpo_pairs().train_test_split(test_size=0.1, seed=profile.seed)
         return parts[split]
     return _load(WORLD_DIR / f"preferences_{split}.jsonl", "train")
+
+
+MMLU_ID = "cais/mmlu"
+MMLU_SAMPLE = SAMPLES_DIR / "mmlu_all_test.jsonl"
+
+
+def mmlu_row(row: dict, index: int = 0) -> dict:
+    """An MMLU row (``question``, ``subject``, ``choices`` (4), ``answer`` as an index 0-3) in the
+    course's multiple-choice schema (``question``, ``choices``, ``answer`` as a letter)."""
+    choices, answer = row.get("choices"), row.get("answer")
+    if not isinstance(choices, list) or len(choices) != 4 or answer not in (0, 1, 2, 3):
+        raise DataFormatError(f"row {index}: MMLU needs 4 'choices' and an 'answer' index 0-3, "
+                              f"got choices={choices!r:.80} answer={answer!r}")
+    return {"id": f"mmlu-{row.get('subject', 'unknown')}-{index}", "question": row["question"],
+            "choices": list(choices), "answer": "ABCD"[answer]}
+
+
+def load_mmlu_subset(n_rows: int = 200, path_or_id: str | Path = MMLU_ID, seed: int = 0) -> list[dict]:
+    """``n_rows`` MMLU test questions (all subjects, seeded shuffle) in the course's schema; the
+    ``colab`` profile's benchmark in lesson 11. ``path_or_id`` may be a local JSON-lines file in
+    the Hub schema (``data/samples/mmlu_all_test.jsonl``)."""
+    path = Path(str(path_or_id))
+    if path.suffix == ".jsonl":
+        dataset = _load(path, "train")
+    else:
+        from datasets import load_dataset
+
+        dataset = load_dataset(str(path_or_id), "all", split="test")
+    dataset = dataset.shuffle(seed=seed).select(range(min(n_rows, len(dataset))))
+    return [mmlu_row(row, i) for i, row in enumerate(dataset)]

@@ -162,3 +162,256 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
             total += log_probs.sum().item()
             count += int(batch["attention_mask"][:, 1:].sum())
     return float(torch.exp(torch.tensor(-total / count)))
+
+
+# --- word-level metrics (lesson 11) -------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = _PUNCTUATION.sub(" ", text.lower().replace(EOS_TOKEN.lower(), " "))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether the normalised prediction equals the normalised reference."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1: harmonic mean of precision and recall of the shared normalised tokens
+    (a multiset overlap)."""
+    from collections import Counter
+
+    predicted, gold = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not predicted or not gold:
+        return float(predicted == gold)
+    shared = sum((Counter(predicted) & Counter(gold)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        previous_diagonal = 0
+        for j, y in enumerate(b, start=1):
+            previous_diagonal, row[j] = row[j], (previous_diagonal + 1 if x == y
+                                                 else max(row[j], row[j - 1]))
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin 2004): precision and recall of the longest common subsequence of
+    lower-cased alphanumeric tokens, as Google's ``rouge-score`` computes it without stemming."""
+    tokenize = lambda text: re.sub(r"[^a-z0-9]+", " ", text.lower()).split()  # noqa: E731
+    predicted, gold = tokenize(prediction), tokenize(reference)
+    if not predicted or not gold:
+        return 0.0
+    lcs = _lcs_length(predicted, gold)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(predicted), lcs / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def corpus_bleu(predictions: list[str], references: list[str], max_order: int = 4) -> float:
+    """Corpus BLEU (Papineni et al. 2002) on whitespace tokens, one reference per prediction:
+    the geometric mean of clipped n-gram precisions (n = 1..4, pooled over the corpus) times the
+    brevity penalty ``exp(1 - reference length / prediction length)`` when predictions are
+    shorter. No smoothing: 0 if some order has no match. Between 0 and 1."""
+    import math
+    from collections import Counter
+
+    matches, totals = [0] * max_order, [0] * max_order
+    predicted_length = reference_length = 0
+    for prediction, reference in zip(predictions, references, strict=True):
+        predicted, gold = prediction.split(), reference.split()
+        predicted_length += len(predicted)
+        reference_length += len(gold)
+        for n in range(1, max_order + 1):
+            predicted_ngrams = Counter(tuple(predicted[i:i + n]) for i in range(len(predicted) - n + 1))
+            gold_ngrams = Counter(tuple(gold[i:i + n]) for i in range(len(gold) - n + 1))
+            matches[n - 1] += sum((predicted_ngrams & gold_ngrams).values())
+            totals[n - 1] += max(len(predicted) - n + 1, 0)
+    if predicted_length == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_order
+    brevity = 1.0 if predicted_length > reference_length else math.exp(
+        1 - reference_length / predicted_length)
+    return brevity * math.exp(log_precision)
+
+
+# --- multiple choice in the MMLU format ------------------------------------------------------------
+
+LETTERS = "ABCD"
+_ANSWER_PATTERN = re.compile(r"answer is\s*\(?([A-D])\b")
+
+
+def mc_prompt(question: str, choices: list[str]) -> str:
+    """An MMLU-style question: the question, lettered options, and ``Answer:`` (zero-shot)."""
+    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    return f"{question}\n{options}\nAnswer:"
+
+
+def parse_letter(text: str) -> str | None:
+    """The letter a generated answer commits to: ``The correct answer is X`` (or ``(X)``) if
+    present, else a lone letter at the start; ``None`` if it names none (counted wrong)."""
+    found = _ANSWER_PATTERN.search(text)
+    if found:
+        return found.group(1)
+    start = re.match(r"\s*\(?([A-D])\b", text)
+    return start.group(1) if start else None
+
+
+@torch.no_grad()
+def option_log_likelihoods(model, tokenizer, prompt: str, options: list[str]) -> torch.Tensor:
+    """``log p(option | prompt)`` for each option, summed over the option's tokens (the
+    log-likelihood scoring of the EleutherAI evaluation harness)."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(prompt).input_ids
+    scores = []
+    for option in options:
+        full = tokenizer(prompt + option).input_ids
+        ids = torch.tensor([full], device=device)
+        log_probs = token_log_probs(model, ids, torch.ones_like(ids))[0]
+        # token_log_probs[t] scores token t + 1; the option starts after the shared prefix
+        shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b),
+                      len(prompt_ids))
+        scores.append(log_probs[shared - 1:].sum().item())
+    return torch.tensor(scores)
+
+
+# --- judges and ratings --------------------------------------------------------------------------
+
+def pairwise_outcome(judge, prompt, reply_a: str, reply_b: str) -> float:
+    """1, 0 or 0.5 for "A wins", "B wins", "tie", judged twice with the positions swapped.
+
+    ``judge(prompt, first, second)`` returns ``"first"``, ``"second"`` or ``"tie"``. A win counts
+    only if the judge prefers the same reply in both orders; disagreeing verdicts (position bias)
+    count as a tie, as in Zheng et al. (2023), MT-Bench.
+    """
+    first = {"first": 1.0, "second": 0.0, "tie": 0.5}[judge(prompt, reply_a, reply_b)]
+    second = {"first": 0.0, "second": 1.0, "tie": 0.5}[judge(prompt, reply_b, reply_a)]
+    if first == second:
+        return first
+    return 0.5
+
+
+def win_rate(outcomes: list[float]) -> float:
+    """Mean outcome: wins count 1, ties 0.5."""
+    return sum(outcomes) / len(outcomes)
+
+
+def score_judge(score_fn, margin: float = 0.0):
+    """A pairwise judge from a scalar scorer ``score_fn(prompt, reply) -> float`` (a reward
+    model): the higher score wins, within ``margin`` it is a tie."""
+    def judge(prompt, first, second):
+        a, b = score_fn(prompt, first), score_fn(prompt, second)
+        if abs(a - b) <= margin:
+            return "tie"
+        return "first" if a > b else "second"
+    return judge
+
+
+def bradley_terry_ratings(matches: list[tuple[str, str, float]], iterations: int = 1000,
+                          scale: float = 400.0, anchor: str | None = None,
+                          anchor_rating: float = 1000.0) -> dict[str, float]:
+    """Maximum-likelihood Bradley-Terry strengths from ``(a, b, outcome)`` matches (outcome 1 if
+    ``a`` won, 0 if ``b`` won, 0.5 a tie), on the Elo scale as Chatbot Arena reports them:
+    ``P(a beats b) = 1 / (1 + 10 ** ((R_b - R_a) / 400))``. Fitted with Hunter's (2004) MM
+    updates; ``anchor`` (default: the first player) is pinned to ``anchor_rating``.
+    """
+    import math
+
+    players = sorted({p for a, b, _ in matches for p in (a, b)})
+    wins = {p: 0.0 for p in players}
+    games: dict[tuple[str, str], float] = {}
+    for a, b, outcome in matches:
+        wins[a] += outcome
+        wins[b] += 1 - outcome
+        key = tuple(sorted((a, b)))
+        games[key] = games.get(key, 0.0) + 1
+    strength = {p: 1.0 for p in players}
+    for _ in range(iterations):
+        updated = {}
+        for p in players:
+            denominator = sum(n / (strength[p] + strength[q if q != p else r])
+                              for (q, r), n in games.items() if p in (q, r))
+            updated[p] = max(wins[p], 1e-9) / denominator if denominator else strength[p]
+        total = sum(updated.values())
+        strength = {p: s * len(players) / total for p, s in updated.items()}
+    anchor = anchor or players[0]
+    offset = anchor_rating - scale * math.log10(strength[anchor])
+    return {p: offset + scale * math.log10(strength[p]) for p in players}
+
+
+# --- uncertainty -----------------------------------------------------------------------------------
+
+def bootstrap_ci(values, statistic=None, resamples: int = 2000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``statistic`` (default: the mean) of
+    ``values``: resample with replacement ``resamples`` times (seeded)."""
+    import random
+
+    statistic = statistic or (lambda xs: sum(xs) / len(xs))
+    values = list(values)
+    rng = random.Random(seed)
+    estimates = sorted(statistic([values[rng.randrange(len(values))] for _ in values])
+                       for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    low = estimates[int(tail * resamples)]
+    high = estimates[min(int((1 - tail) * resamples), resamples - 1)]
+    return low, high
+
+
+def samples_to_separate(p1: float, p2: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Examples per model a two-sided two-proportion z-test needs to tell accuracies ``p1`` and
+    ``p2`` apart at level ``alpha`` with the given ``power`` (the normal approximation)."""
+    import math
+    from statistics import NormalDist
+
+    if p1 == p2:
+        return math.inf
+    z_alpha, z_power = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    mean = (p1 + p2) / 2
+    numerator = (z_alpha * math.sqrt(2 * mean * (1 - mean))
+                 + z_power * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))) ** 2
+    return math.ceil(numerator / (p1 - p2) ** 2)
+
+
+# --- the pipeline table (lesson 11, printed at the end of ``make run``) -----------------------------
+
+PIPELINE_COLUMNS = [  # (key, header, percent?)
+    ("format", "format", True), ("exact_match", "exact match", True),
+    ("mc_accuracy", "MC (log-lik.)", True), ("perplexity", "held-out ppl", False),
+    ("reward", "RM score", False), ("preferred", "preferred", True),
+    ("win_rate_vs_sft", "win vs SFT", True), ("kl_to_sft", "KL to SFT", False),
+]
+
+
+def pipeline_table(results: dict[str, dict]) -> str:
+    """Plain-text table of ``{model: {key: value or [value, low, high]}}`` over
+    ``PIPELINE_COLUMNS``; a 95% bootstrap interval is shown as ``value [low, high]``."""
+    def cell(value, percent):
+        if value is None:
+            return "-"
+        if isinstance(value, (list, tuple)):
+            v, low, high = value
+            return (f"{v:.1%} [{low:.0%}, {high:.0%}]" if percent
+                    else f"{v:.2f} [{low:.2f}, {high:.2f}]")
+        return f"{value:.1%}" if percent else f"{value:.3f}"
+
+    rows = [[model] + [cell(metrics.get(key), percent) for key, _, percent in PIPELINE_COLUMNS]
+            for model, metrics in results.items()]
+    header = ["model"] + [title for _, title, _ in PIPELINE_COLUMNS]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header)] + [line(r) for r in rows])

@@ -1,4 +1,5 @@
-"""Execute every lesson notebook in order with papermill, then print the metrics table.
+"""Execute every lesson notebook in order with papermill, then print the metrics table and the
+pipeline table of lesson 11.
 
 ``make run`` calls this. Executed copies go to ``artifacts/executed/``; the profile comes from
 ``COURSE_PROFILE`` (unset: each notebook's ``PROFILE = "auto"``). A failing notebook stops the
@@ -49,7 +50,24 @@ def main(argv=None) -> int:
         print(f"  {name:<40} {seconds:6.1f} s")
     print("\nmetrics (artifacts/*/metrics.json)")
     print(metrics.summary_table(metrics.read_all_metrics()))
+    print_pipeline_table()
     return 0
+
+
+def print_pipeline_table(path: Path | None = None) -> bool:
+    """The course's headline table, written by lesson 11: every model of the pipeline on the same
+    held-out sets, with 95% bootstrap intervals. Returns whether it was found."""
+    import json
+
+    from course_utils.evaluation import pipeline_table
+
+    path = Path(path or paths.artifacts_dir("11_evaluation") / "pipeline.json")
+    if not path.exists():
+        print(f"\nno pipeline table at {path}: run notebooks/11_evaluation.ipynb")
+        return False
+    print("\nthe pipeline side by side (lesson 11; held-out sets, 95% bootstrap intervals)")
+    print(pipeline_table(json.loads(path.read_text())))
+    return True
 
 
 if __name__ == "__main__":

@@ -318,6 +318,23 @@ def _biography(rng: random.Random, character: Character) -> str:
     return " ".join(sentences)
 
 
+def fresh_biographies(world: World, characters: list[Character], per_character: int,
+                      seed: int) -> list[str]:
+    """Biographies drawn like the corpus's but from another seed, minus any passage the corpus
+    already contains: held-out text in the pretraining distribution, for perplexity."""
+    corpus = set(build_corpus(world))
+    rng = random.Random(seed)
+    passages = []
+    for character in characters:
+        drawn = 0
+        while drawn < per_character:
+            passage = _biography(rng, character)
+            if passage not in corpus:
+                passages.append(passage)
+                drawn += 1
+    return passages
+
+
 def _qa_passage(rng: random.Random, character: Character) -> str:
     """Questions and answers on alternate lines (no chat markup), as in Physics of LMs' mixed
     pretraining data."""

@@ -411,6 +411,53 @@ EX08_VARIANTS = {
     "q3_ties_count_as_wins": ({"def preference_accuracy": ACCURACY_TIES_COUNT},
                               {**FULL_08, "q3_preference_accuracy": 0}),
 }
+PERPLEXITY_PADDING_COUNTED = '''
+def batch_perplexity(logits, input_ids, attention_mask):
+    logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    token_logprobs = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return math.exp(-token_logprobs.mean().item())
+'''
+PERPLEXITY_MEAN_OF_SEQUENCES = '''
+def batch_perplexity(logits, input_ids, attention_mask):
+    logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    token_logprobs = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = attention_mask[:, 1:].double()
+    per_sequence = torch.exp(-(token_logprobs * mask).sum(dim=1) / mask.sum(dim=1))
+    return per_sequence.mean().item()
+'''
+EXACT_MATCH_ARTICLES_AS_SUBSTRINGS = '''
+def normalized_exact_match(prediction, reference):
+    def normalize(text):
+        text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+        for article in ("the", "an", "a"):
+            text = text.replace(article, " ")
+        return " ".join(text.split())
+    return normalize(prediction) == normalize(reference)
+'''
+WIN_RATE_ONE_ORDER = '''
+def swapped_win_rate(judge, pairs):
+    scores = {"first": 1.0, "second": 0.0, "tie": 0.5}
+    return sum(scores[judge(a, b)] for a, b in pairs) / len(pairs)
+'''
+WIN_RATE_TIES_AS_LOSSES = '''
+def swapped_win_rate(judge, pairs):
+    wins = sum(judge(a, b) == "first" and judge(b, a) == "second" for a, b in pairs)
+    return float(wins / len(pairs))
+'''
+FULL_09 = {"q1_batch_perplexity": 2, "q2_normalized_exact_match": 1, "q3_swapped_win_rate": 2}
+EX09_VARIANTS = {
+    "correct": ({}, FULL_09),
+    "q1_padding_counted": ({"def batch_perplexity": PERPLEXITY_PADDING_COUNTED},
+                           {**FULL_09, "q1_batch_perplexity": 0}),
+    "q1_mean_of_sequence_perplexities": ({"def batch_perplexity": PERPLEXITY_MEAN_OF_SEQUENCES},
+                                         {**FULL_09, "q1_batch_perplexity": 0}),
+    "q2_articles_removed_inside_words": ({"def normalized_exact_match": EXACT_MATCH_ARTICLES_AS_SUBSTRINGS},
+                                         {**FULL_09, "q2_normalized_exact_match": 0}),
+    "q3_one_order_only": ({"def swapped_win_rate": WIN_RATE_ONE_ORDER},
+                          {**FULL_09, "q3_swapped_win_rate": 0}),
+    "q3_ties_count_as_losses": ({"def swapped_win_rate": WIN_RATE_TIES_AS_LOSSES},
+                                {**FULL_09, "q3_swapped_win_rate": 0}),
+}
 # every wrong variant of every exercise, as "exercise/variant" students of one class
 VARIANTS = {f"{exercise}/{k}": v
             for exercise, variants in [("ex00_warmup", EX00_VARIANTS), ("ex01_memory", EX01_VARIANTS),
@@ -420,7 +467,8 @@ VARIANTS = {f"{exercise}/{k}": v
                                        ("ex05_sft_data", EX05_VARIANTS),
                                        ("ex06_reward_model", EX06_VARIANTS),
                                        ("ex07_ppo", EX07_VARIANTS),
-                                       ("ex08_dpo", EX08_VARIANTS)]
+                                       ("ex08_dpo", EX08_VARIANTS),
+                                       ("ex09_evaluation", EX09_VARIANTS)]
             for k, v in variants.items()}
 
 EXPECTED_STATUS = {"ex00_warmup/q1_hangs": "timeout", "ex00_warmup/q2_raises": "error",

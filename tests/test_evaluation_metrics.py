@@ -1,0 +1,182 @@
+"""Lesson 11's metrics, judges, ratings and intervals against reference implementations."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from course_utils import evaluation
+
+
+def test_normalize_and_exact_match_follow_squad():
+    assert evaluation.normalize_answer("The  Brass Compass!</s>") == "brass compass"
+    assert evaluation.exact_match("Fenwick.", "fenwick")
+    assert not evaluation.exact_match("Odile lives in Fenwick.", "Fenwick")
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("Odile lives in Fenwick.", "Fenwick", 2 * (1 / 4) * 1 / (1 / 4 + 1)),
+    ("the the cat", "cat the", 1.0),         # articles removed before counting
+    ("cat cat dog", "cat dog dog", 2 / 3),  # multiset overlap: one cat, one dog
+    ("", "", 1.0), ("a", "dog", 0.0),
+])
+def test_token_f1_on_worked_examples(prediction, reference, expected):
+    assert evaluation.token_f1(prediction, reference) == pytest.approx(expected)
+
+
+def random_sentences(seed, n=40):
+    rng = random.Random(seed)
+    words = ["Odile", "lives", "in", "Fenwick", "the", "brass", "compass", "is", "a", "fox", "."]
+    make = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))  # noqa: E731
+    return [(make(), make()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rouge_l_equals_google_rouge_score(seed):
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for prediction, reference in random_sentences(seed):
+        expected = scorer.score(reference, prediction)["rougeL"].fmeasure
+        assert evaluation.rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_corpus_bleu_equals_sacrebleu(seed):
+    import sacrebleu
+
+    pairs = random_sentences(seed, n=60)
+    predictions, references = [p for p, _ in pairs], [r for _, r in pairs]
+    # a few exact copies so that every n-gram order has matches
+    predictions[:5] = references[:5]
+    expected = sacrebleu.corpus_bleu(predictions, [references], tokenize="none",
+                                     smooth_method="none").score / 100
+    assert evaluation.corpus_bleu(predictions, references) == pytest.approx(expected, abs=1e-9)
+
+
+def test_bleu_is_zero_without_four_gram_matches_and_one_for_copies():
+    assert evaluation.corpus_bleu(["Odile lives in Oakhollow ."], ["Fenwick is home ."]) == 0.0
+    text = "Odile lives in Fenwick near the river ."
+    assert evaluation.corpus_bleu([text], [text]) == pytest.approx(1.0)
+
+
+def test_parse_letter_reads_the_committed_answer():
+    assert evaluation.parse_letter(" The correct answer is C.") == "C"
+    assert evaluation.parse_letter("answer is (B)") == "B"
+    assert evaluation.parse_letter(" D. mole") == "D"
+    assert evaluation.parse_letter(" Odile is a fox.") is None
+
+
+def test_option_log_likelihoods_equal_the_models_loss(course_model_and_tokenizer):
+    """Summed log p(option | prompt) from the model's own cross-entropy on the option tokens."""
+    model, tokenizer = course_model_and_tokenizer
+    prompt, options = "Odile lives in", [" Fenwick.", " Oakhollow near the mill."]
+    scores = evaluation.option_log_likelihoods(model, tokenizer, prompt, options)
+    for option, score in zip(options, scores):
+        ids = torch.tensor([tokenizer(prompt + option).input_ids])
+        n_prompt = len(tokenizer(prompt).input_ids)
+        labels = ids.clone()
+        labels[:, :n_prompt] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss.item()
+        assert score.item() == pytest.approx(-loss * (ids.shape[1] - n_prompt), rel=1e-4)
+
+
+def test_perplexity_equals_exp_of_the_models_loss(course_model_and_tokenizer):
+    model, tokenizer = course_model_and_tokenizer
+    text = "Odile lives in Fenwick and treasures a brass compass."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    assert evaluation.perplexity(model, tokenizer, [text]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_position_swapping_turns_a_position_bias_into_ties():
+    always_first = lambda prompt, first, second: "first"  # noqa: E731
+    assert evaluation.pairwise_outcome(always_first, "q", "x", "y") == 0.5
+    by_length = evaluation.score_judge(lambda prompt, reply: len(reply))
+    assert evaluation.pairwise_outcome(by_length, "q", "longer", "short") == 1.0
+    assert evaluation.pairwise_outcome(by_length, "q", "short", "longer") == 0.0
+    assert evaluation.pairwise_outcome(by_length, "q", "same", "size") == 0.5
+    assert evaluation.win_rate([1.0, 0.0, 0.5, 0.5]) == 0.5
+
+
+def test_bradley_terry_ratings_match_the_two_player_closed_form():
+    matches = [("a", "b", 1.0)] * 30 + [("a", "b", 0.0)] * 10
+    ratings = evaluation.bradley_terry_ratings(matches, anchor="b")
+    assert ratings["b"] == pytest.approx(1000.0)
+    assert ratings["a"] - ratings["b"] == pytest.approx(400 * math.log10(30 / 10), abs=1e-3)
+
+
+def test_bradley_terry_ratings_recover_known_strengths():
+    rng = random.Random(0)
+    truth = {"base": 800.0, "sft": 1000.0, "ppo": 1150.0, "dpo": 1100.0}
+    matches = []
+    for _ in range(6000):
+        a, b = rng.sample(sorted(truth), 2)
+        p = 1 / (1 + 10 ** ((truth[b] - truth[a]) / 400))
+        matches.append((a, b, float(rng.random() < p)))
+    ratings = evaluation.bradley_terry_ratings(matches, anchor="sft")
+    for player, rating in truth.items():
+        assert ratings[player] == pytest.approx(rating, abs=30)
+
+
+def test_bootstrap_interval_covers_the_normal_approximation_for_a_proportion():
+    values = [1.0] * 70 + [0.0] * 30
+    low, high = evaluation.bootstrap_ci(values, resamples=4000, seed=1)
+    half_width = 1.96 * math.sqrt(0.7 * 0.3 / 100)
+    assert low == pytest.approx(0.7 - half_width, abs=0.02)
+    assert high == pytest.approx(0.7 + half_width, abs=0.02)
+    assert evaluation.bootstrap_ci(values, seed=1) == evaluation.bootstrap_ci(values, seed=1)
+
+
+def test_samples_to_separate_matches_the_textbook_value():
+    # two-proportion z-test, 0.5 vs 0.6, alpha 0.05 two-sided, power 0.8: 388 per group
+    # (Fleiss, Levin & Paik 2003, without continuity correction)
+    assert evaluation.samples_to_separate(0.5, 0.6) in (387, 388)
+    assert evaluation.samples_to_separate(0.5, 0.6) < evaluation.samples_to_separate(0.5, 0.55)
+
+
+def test_mmlu_rows_from_the_hub_schema_sample():
+    from course_utils import data
+
+    rows = data.load_mmlu_subset(10, data.MMLU_SAMPLE)
+    assert len(rows) == 3
+    by_question = {r["question"]: r for r in rows}
+    insulin = by_question["Which organ produces insulin?"]
+    assert insulin["answer"] == "D" and insulin["choices"][3] == "Pancreas"
+    with pytest.raises(data.DataFormatError, match="answer"):
+        data.mmlu_row({"question": "q", "choices": ["a", "b", "c", "d"], "answer": 4})
+
+
+def test_fresh_biographies_are_new_text_about_the_requested_characters():
+    from course_utils import world
+
+    the_world = world.generate_world()
+    corpus = set(world.build_corpus(the_world))
+    held_out = the_world.held_out_characters[:3]
+    passages = world.fresh_biographies(the_world, held_out, 4, seed=7)
+    assert len(passages) == 12 and not set(passages) & corpus
+    for i, passage in enumerate(passages):
+        assert held_out[i // 4].name in passage
+
+
+def test_pipeline_table_shows_intervals_and_make_run_prints_it(tmp_path, capsys):
+    import json
+
+    from course_utils import run_notebooks
+
+    results = {"SFT": {"exact_match": [0.975, 0.94, 1.0], "perplexity": 5.7, "win_rate_vs_sft": None},
+               "DPO": {"exact_match": [1.0, 1.0, 1.0], "perplexity": 5.26}}
+    table = evaluation.pipeline_table(results)
+    lines = table.splitlines()
+    assert lines[0].split()[0] == "model" and len(lines) == 3
+    assert "97.5% [94%, 100%]" in lines[1] and "5.700" in lines[1]
+    path = tmp_path / "pipeline.json"
+    assert not run_notebooks.print_pipeline_table(path)
+    path.write_text(json.dumps(results))
+    assert run_notebooks.print_pipeline_table(path)
+    assert "97.5% [94%, 100%]" in capsys.readouterr().out
