@@ -31,7 +31,7 @@ run: $(STAMP)
 	$(OFFLINE) COURSE_PROFILE=$(subst auto,,$(PROFILE)) $(PY) -m course_utils.run_notebooks
 
 test: $(STAMP)
-	$(OFFLINE) COURSE_PROFILE=tiny $(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900
+	$(OFFLINE) COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -220,18 +220,40 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+_BLEU_TOKEN_RULES = [  # mteval-v13a's tokenization, sacrebleu's default, as ordered regex rewrites
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # split off punctuation and symbols
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # a period or comma not after a digit
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # ... or not before one
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # a dash after a digit
+]
+
+
+def bleu_tokens(text: str) -> list[str]:
+    """The 13a tokenization WMT and sacrebleu use by default: punctuation becomes its own token
+    (``"Fenwick,"`` -> ``"Fenwick" ","``) except periods and commas inside numbers; case kept."""
+    text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in text:
+        for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+            text = text.replace(entity, char)
+    text = f" {text} "
+    for pattern, replacement in _BLEU_TOKEN_RULES:
+        text = pattern.sub(replacement, text)
+    return text.split()
+
+
 def corpus_bleu(predictions: list[str], references: list[str], max_order: int = 4) -> float:
-    """Corpus BLEU (Papineni et al. 2002) on whitespace tokens, one reference per prediction:
-    the geometric mean of clipped n-gram precisions (n = 1..4, pooled over the corpus) times the
+    """Corpus BLEU (Papineni et al. 2002), one reference per prediction, on ``bleu_tokens``: the
+    geometric mean of clipped n-gram precisions (n = 1..4, pooled over the corpus) times the
     brevity penalty ``exp(1 - reference length / prediction length)`` when predictions are
-    shorter. No smoothing: 0 if some order has no match. Between 0 and 1."""
+    shorter. No smoothing: 0 if some order has no match. Between 0 and 1 (sacrebleu reports
+    100 times this)."""
     import math
     from collections import Counter
 
     matches, totals = [0] * max_order, [0] * max_order
     predicted_length = reference_length = 0
     for prediction, reference in zip(predictions, references, strict=True):
-        predicted, gold = prediction.split(), reference.split()
+        predicted, gold = bleu_tokens(prediction), bleu_tokens(reference)
         predicted_length += len(predicted)
         reference_length += len(gold)
         for n in range(1, max_order + 1):

@@ -1,6 +1,7 @@
 """Each notebook's numbers, in ``artifacts/<notebook-stem>/metrics.json``, and the summary table.
 
-A notebook calls ``write_metrics("00_setup_and_tour", {...})`` with the numbers it claims;
+A notebook calls ``write_metrics("00_setup_and_tour", {...})`` with the numbers it claims, and
+``check_claims`` on what its text says about them;
 ``make run`` ends with ``python -m course_utils.metrics``, which prints one table of them all.
 """
 
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
+
+import numpy
 
 from course_utils import paths
 
@@ -23,6 +27,44 @@ def write_metrics(notebook_stem: str, metrics: dict) -> Path:
     path = paths.artifacts_dir(notebook_stem) / "metrics.json"
     path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return path
+
+
+class ClaimError(AssertionError):
+    """A sentence of a lesson's text that the numbers of this run do not support."""
+
+
+STRICT_CLAIMS_VARIABLE = "COURSE_STRICT_CLAIMS"
+
+
+def check_claims(claims: dict[str, bool], strict: bool | None = None) -> dict[str, bool]:
+    """Check what a lesson's text says about the numbers just measured, and print the verdicts.
+
+    ``claims`` maps each statement, worded as the text words it, to the condition (computed from
+    this run's numbers) that makes it true. The text was written against measured runs of the
+    ``tiny`` profile; on other hardware or another profile the numbers can differ, so a statement
+    that does not hold prints a warning telling the reader to trust the numbers, not the sentence.
+    With ``strict`` (default: the environment variable ``COURSE_STRICT_CLAIMS=1``, which
+    ``make test`` sets) it raises ``ClaimError`` instead, so CI fails when a lesson's text no longer
+    matches what the lesson measures. Returns ``{statement: holds}``.
+    """
+    if strict is None:
+        strict = os.environ.get(STRICT_CLAIMS_VARIABLE) == "1"
+    verdicts = {}
+    for statement, condition in claims.items():
+        if not isinstance(condition, (bool, numpy.bool_)):
+            raise TypeError(f"claim {statement!r}: the condition must be a bool (use .item() on a "
+                            f"tensor), got {type(condition).__name__} {condition!r}")
+        verdicts[statement] = bool(condition)
+        print(f"{'holds' if verdicts[statement] else 'DOES NOT HOLD'}: {statement}")
+    failed = [statement for statement, holds in verdicts.items() if not holds]
+    if failed:
+        message = ("the lesson's text says " + "; ".join(repr(s) for s in failed)
+                   + ", but this run's numbers do not show it")
+        if strict:
+            raise ClaimError(message + ". Fix the experiment or rewrite the text to match the numbers.")
+        print(f"Warning: {message}. Read the numbers above, not the sentence: they were measured "
+              f"on this machine and profile, the text on the course's CPU with the tiny profile.")
+    return verdicts
 
 
 def read_all_metrics(root: Path | None = None) -> dict[str, dict]:

@@ -160,6 +160,39 @@ def test_metrics_table_formats_numbers_readably(tmp_path):
         metrics.write_metrics("x", {"loss": float("nan")})
 
 
+def test_check_claims_passes_true_statements_and_catches_false_ones(capsys, monkeypatch):
+    from course_utils import metrics
+
+    measured = {"before": 0.50, "after": 0.88}
+    assert metrics.check_claims({"accuracy rose": measured["after"] > measured["before"]},
+                                strict=True) == {"accuracy rose": True}
+    assert "holds: accuracy rose" in capsys.readouterr().out
+
+    false_claim = {"accuracy rose": measured["after"] > measured["before"],
+                   "accuracy doubled": measured["after"] >= 2 * measured["before"]}
+    with pytest.raises(metrics.ClaimError, match="accuracy doubled") as error:
+        metrics.check_claims(false_claim, strict=True)
+    assert "accuracy rose" not in str(error.value)
+
+    monkeypatch.setenv(metrics.STRICT_CLAIMS_VARIABLE, "1")
+    with pytest.raises(metrics.ClaimError):
+        metrics.check_claims(false_claim)
+    monkeypatch.delenv(metrics.STRICT_CLAIMS_VARIABLE)
+    capsys.readouterr()
+    assert metrics.check_claims(false_claim) == {"accuracy rose": True, "accuracy doubled": False}
+    out = capsys.readouterr().out
+    assert "DOES NOT HOLD: accuracy doubled" in out and "Warning" in out
+
+    with pytest.raises(TypeError, match="bool"):
+        metrics.check_claims({"a number is not a verdict": 0.88})
+
+
+def test_make_test_checks_the_lessons_claims_strictly():
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    test_recipe = makefile.split("\ntest:")[1].split("\n\n")[0]
+    assert "COURSE_STRICT_CLAIMS=1" in test_recipe and "--nbmake" in test_recipe
+
+
 def test_write_notebook_produces_the_fixed_opening(tmp_path):
     from course_utils.notebooks import write_notebook
 
