@@ -164,3 +164,20 @@ def load_mmlu_subset(n_rows: int = 200, path_or_id: str | Path = MMLU_ID, seed: 
         dataset = load_dataset(str(path_or_id), "all", split="test")
     dataset = dataset.shuffle(seed=seed).select(range(min(n_rows, len(dataset))))
     return [mmlu_row(row, i) for i, row in enumerate(dataset)]
+
+
+def fingerprint(profile: Profile, kind: str) -> str:
+    """What a stage trains on, as a string that changes when the data does: the hash of the world's
+    file, or the Hub data set and the selection the loader makes. ``kind``: ``"sft"`` or
+    ``"preferences"``."""
+    import hashlib
+
+    if kind not in ("sft", "preferences"):
+        raise ValueError(f"kind must be 'sft' or 'preferences', got {kind!r}")
+    if profile.data_source == "hub":
+        if kind == "sft":
+            return f"hub:{ULTRACHAT_ID}:test_sft:3000 rows shuffled with seed {profile.seed}"
+        return (f"hub:{ORCA_DPO_ID}:train filtered (keep_orca_pair), 90% after a shuffle with "
+                f"seed {profile.seed}")
+    path = WORLD_DIR / f"{kind}_train.jsonl"
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()

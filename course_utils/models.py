@@ -55,6 +55,17 @@ def bnb_4bit_config(compute_dtype: torch.dtype, quant_type: str = "nf4",
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def bnb_config_from_recipe(recipe):
+    """``BitsAndBytesConfig`` from a recipe's ``quantization`` section, computing in the recipe's
+    precision; ``None`` when the section is ``null`` or says ``load_in_4bit: false``."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = recipe.values.get("quantization")
+    if not quantization or not quantization["load_in_4bit"]:
+        return None
+    return BitsAndBytesConfig(**quantization, bnb_4bit_compute_dtype=recipe.torch_dtype())
+
+
 def keep_cpu_4bit_weights_trainable(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns how
     many layers were switched.

@@ -1,11 +1,12 @@
 """Profiles: one notebook, two scales.
 
 Every notebook's ``parameters`` cell holds ``PROFILE = "auto"`` and calls ``get_profile(PROFILE)``
-once. The returned ``Profile`` says which model to load, where, in which dtype, on which data and
-for how many steps.
+once. The returned ``Profile`` says which model to load, where, in which dtype and on which data;
+how each stage trains (steps, batch sizes, learning rates, ...) is its recipe,
+``configs/recipes/<profile>/<stage>.yaml`` (``course_utils.recipes``).
 
 - ``tiny``: the course model from ``data/course-model/`` and the synthetic world, on the CPU in
-  fp32, with small step counts. Offline. What CI runs, and what ``auto`` picks without a GPU.
+  fp32. Offline. What CI runs, and what ``auto`` picks without a GPU.
 - ``colab``: ``TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T`` from the Hub, UltraChat and
   Orca DPO pairs, 4-bit NF4 weights with fp16 compute on a T4 (bf16 on GPUs that support it),
   sized for a 15 GB T4. Needs CUDA and the network.
@@ -48,14 +49,7 @@ class Profile:
     compute_dtype: torch.dtype
     load_in_4bit: bool
     data_source: str  # "world" (data/world) or "hub" (UltraChat, Orca DPO pairs)
-    max_length_tokens: int
-    batch_size: int
-    sft_steps: int
-    reward_steps: int
-    ppo_steps: int
-    dpo_steps: int
-    eval_examples: int
-    seed: int = 42
+    seed: int = 42    # the data's shuffles and splits (training seeds live in the recipes)
 
     @property
     def dtype_name(self) -> str:
@@ -86,9 +80,7 @@ def cuda_compute_dtype() -> torch.dtype:
 def tiny_profile() -> Profile:
     return Profile(
         name="tiny", model_name_or_path=str(COURSE_MODEL_DIR), device="cpu",
-        compute_dtype=torch.float32, load_in_4bit=True, data_source="world",
-        max_length_tokens=128, batch_size=16, sft_steps=150, reward_steps=150, ppo_steps=40,
-        dpo_steps=100, eval_examples=120)
+        compute_dtype=torch.float32, load_in_4bit=True, data_source="world")
 
 
 def colab_profile() -> Profile:
@@ -99,9 +91,7 @@ def colab_profile() -> Profile:
             "PROFILE = 'tiny' (or 'auto', which picks it), or unset COURSE_PROFILE.")
     return Profile(
         name="colab", model_name_or_path=TINYLLAMA_BASE, device="cuda",
-        compute_dtype=cuda_compute_dtype(), load_in_4bit=True, data_source="hub",
-        max_length_tokens=1024, batch_size=4, sft_steps=200, reward_steps=200, ppo_steps=100,
-        dpo_steps=200, eval_examples=200)
+        compute_dtype=cuda_compute_dtype(), load_in_4bit=True, data_source="hub")
 
 
 def get_profile(name: str = "auto", verbose: bool = True) -> Profile:

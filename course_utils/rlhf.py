@@ -1,4 +1,4 @@
-"""Reward modeling and a compact PPO for causal language models (lessons 08 and 09).
+"""Reward modeling, a compact PPO and DPO for causal language models (lessons 08-10).
 
 trl 1.x no longer ships a PPO trainer, so the course writes its own, small enough to read in one
 sitting. Each piece is a plain function over tensors, unit-tested against a loop-by-loop
@@ -150,26 +150,33 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 # --- the PPO loop ------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig:
-    """Settings of ``ppo_step``; defaults follow common RLHF PPO settings at this scale."""
+    """Settings of ``train_ppo``/``ppo_step``; the values live in the ``ppo`` recipe
+    (``configs/recipes/<profile>/ppo.yaml``), whose comments say what each one does:
+    ``PPOConfig.from_recipe(recipe)``."""
 
-    batch_size: int = 32            # prompts per rollout
-    ppo_epochs: int = 4             # optimization passes over each rollout
-    minibatch_size: int = 16
-    learning_rate: float = 1e-4     # the policy's LoRA weights
-    value_learning_rate: float = 3e-3  # the value head: it starts at zero and must catch up fast
-    kl_coef: float = 0.1            # beta: the per-token KL penalty
-    clip_eps: float = 0.2           # policy ratio clip
-    value_clip_eps: float = 0.2
-    value_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 0.95
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    steps: int                # PPO iterations
+    batch_size: int           # prompts per rollout
+    ppo_epochs: int           # optimization passes over each rollout
+    minibatch_size: int
+    learning_rate: float      # the policy's LoRA weights
+    value_learning_rate: float  # the value head
+    kl_coef: float            # beta: the per-token KL penalty
+    clip_eps: float           # policy ratio clip
+    value_clip_eps: float
+    value_coef: float
+    gamma: float
+    lam: float
+    max_new_tokens: int
+    temperature: float
+    whiten_advantages: bool
+    max_grad_norm: float
+    seed: int
+
+    @classmethod
+    def from_recipe(cls, recipe) -> PPOConfig:
+        return cls(**recipe.training, seed=recipe.seed)
 
 
 class ValueHead(torch.nn.Module):
@@ -324,14 +331,14 @@ def ppo_optimizer(policy, value_head: ValueHead, config: PPOConfig) -> torch.opt
 
 
 def train_ppo(policy, value_head: ValueHead, tokenizer, prompts: list[str], score_fn,
-              config: PPOConfig, steps: int, progress: bool = True) -> list[dict]:
-    """``steps`` PPO iterations, each on ``config.batch_size`` prompts drawn (seeded) from
+              config: PPOConfig, progress: bool = True) -> list[dict]:
+    """``config.steps`` PPO iterations, each on ``config.batch_size`` prompts drawn (seeded) from
     ``prompts``. Returns the statistics of every step (``ppo_step``), responses included."""
     from tqdm.auto import tqdm
 
     optimizer = ppo_optimizer(policy, value_head, config)
     history = []
-    bar = tqdm(range(steps), desc="PPO", disable=not progress)
+    bar = tqdm(range(config.steps), desc="PPO", disable=not progress)
     for step in bar:
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         chosen = torch.randperm(len(prompts), generator=generator)[:config.batch_size]
@@ -342,15 +349,16 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts: list[str], scor
     return history
 
 
-def evaluate_policy(policy, tokenizer, rows, score_fn, max_new_tokens: int = 24,
-                    seed: int = 123, samples_per_prompt: int = 1, reference=None) -> dict:
+def evaluate_policy(policy, tokenizer, rows, score_fn, *, max_new_tokens: int, seed: int,
+                    samples_per_prompt: int, reference=None) -> dict:
     """Held-out measurements of a policy on preference-pair prompts ``rows``: mean reward-model
     score, KL to the reference (adapter off) per reply, reply length, and per rejection axis the
     mean score and the rate of preferred behaviour (``preferred_behaviour``; ``None`` and ``{}``
     for rows without an ``axis``). Replies are sampled
     at temperature 1, as during training; ``samples_per_prompt`` repeats each prompt. The KL is
     against ``reference`` if given (e.g. the SFT model for a merged policy), else against
-    ``policy`` with its adapter disabled.
+    ``policy`` with its adapter disabled. The sampling settings are the ``policy`` section of the
+    evaluation recipe: ``evaluate_policy(..., **evaluation_recipe.policy)``.
     """
     from course_utils.chat import render_chat
     from course_utils.world import generate_world
@@ -436,19 +444,24 @@ def load_reward_model(model_name_or_path: str, tokenizer, dtype: torch.dtype = t
     return model
 
 
-def reward_config(output_dir, profile, steps: int, learning_rate: float, batch_size: int,
-                  seed: int = 0, **overrides):
-    """trl ``RewardConfig`` with precision set per device (trl 1.x defaults to bf16)."""
+def reward_config(recipe, output_dir, profile):
+    """trl ``RewardConfig``: the recipe's ``training`` section, its precision (set explicitly:
+    trl 1.x defaults to bf16) and seed, and the course's plumbing."""
     from trl import RewardConfig
 
-    kwargs = dict(output_dir=str(output_dir), max_steps=steps, learning_rate=learning_rate,
-                  per_device_train_batch_size=batch_size, lr_scheduler_type="cosine",
-                  warmup_steps=max(1, steps // 20), weight_decay=0.0, max_length=256,
-                  bf16=profile.bf16, fp16=profile.fp16, use_cpu=profile.use_cpu,
-                  gradient_checkpointing=False, logging_steps=10, save_strategy="no",
-                  report_to="none", seed=seed, data_seed=seed, dataloader_num_workers=0)
-    kwargs.update(overrides)
-    return RewardConfig(**kwargs)
+    return RewardConfig(output_dir=str(output_dir), **recipe.training, **recipe.precision_flags(),
+                        use_cpu=profile.use_cpu, seed=recipe.seed, data_seed=recipe.seed,
+                        report_to="none", dataloader_num_workers=0)
+
+
+def reward_peft_config(recipe):
+    """peft ``LoraConfig`` for a sequence-classification reward model, or ``None`` when the recipe
+    fully fine-tunes (``lora: null``)."""
+    if recipe.lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**recipe.lora, task_type="SEQ_CLS")
 
 
 def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None):
@@ -501,37 +514,40 @@ def accuracy_by_axis(chosen: torch.Tensor, rejected: torch.Tensor, axes: list[st
 
 
 def reward_model_dir():
-    from course_utils.paths import artifacts_dir
+    from course_utils import stages
 
-    return artifacts_dir("models") / "reward"
+    return stages.stage_dir("reward")
 
 
-def ensure_reward_model(profile, verbose: bool = True):
-    """Lesson 08's reward model (``artifacts/models/reward/``), trained now if it is missing
-    (full fine-tuning of the SFT model with a scalar head on all preference pairs)."""
-    from course_utils import data, sft
+def build_reward_model(profile, recipe, verbose: bool = True):
+    """Lesson 08's recipe in one call: a scalar head on the SFT model, trained with
+    ``RewardTrainer`` (LoRA merged afterwards when the recipe uses it). Returns
+    ``(model, tokenizer, what the run used)`` for ``stages.save_stage``."""
+    from course_utils import data, stages
     from course_utils.models import load_tokenizer
     from course_utils.paths import artifacts_dir
 
-    target = reward_model_dir()
-    if (target / "config.json").exists():
-        if verbose:
-            print(f"using the reward model of lesson 08 from {target}")
-        return target
-    sft_dir = sft.ensure_sft_model(profile, verbose)
-    if verbose:
-        print(f"no reward model in {target}: training it with lesson 08's recipe "
-              f"({profile.reward_steps} steps) ...")
+    sft_dir = stages.stage_dir("sft")
     tokenizer = load_tokenizer(sft_dir)
-    model = load_reward_model(sft_dir, tokenizer, profile.compute_dtype).to(profile.device)
-    args = reward_config(artifacts_dir("08_reward_modeling") / "rebuild", profile,
-                         profile.reward_steps, 3e-4, batch_size=16)
+    model = load_reward_model(sft_dir, tokenizer, recipe.torch_dtype()).to(profile.device)
+    args = reward_config(recipe, artifacts_dir("08_reward_modeling") / "rebuild", profile)
+    args.disable_tqdm = not verbose
     trainer = make_reward_trainer(model, tokenizer, data.load_preference_dataset(profile, "train"),
-                                  args)
+                                  args, reward_peft_config(recipe))
     trainer.train()
-    trainer.model.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
-    return target
+    model = trainer.model
+    used = stages.ran_with(recipe, trainer.args, model)
+    if recipe.lora is not None:
+        model = model.merge_and_unload()
+    return model, tokenizer, used
+
+
+def ensure_reward_model(profile, verbose: bool = True, rebuild: bool | None = None):
+    """Lesson 08's reward model (``artifacts/models/reward/``), rebuilt from its recipe if it is
+    missing or stale (``stages.ensure_stage``)."""
+    from course_utils import stages
+
+    return stages.ensure_stage("reward", profile, rebuild=rebuild, verbose=verbose)
 
 
 # --- what the world's preferences ask for, checked in generated text ---------------------------
@@ -571,57 +587,67 @@ def is_refusal(response: str) -> bool:
 
 # --- lesson 09's PPO run, reusable by later lessons ---------------------------------------------
 
-def make_ppo_policy(sft_dir, profile, lora_r: int = 16, seed: int = 0):
-    """The SFT model with a fresh LoRA adapter on every linear layer (the policy; with the adapter
-    off it is the frozen reference) and a zero-initialised ``ValueHead``."""
+def make_ppo_policy(sft_dir, profile, recipe):
+    """The SFT model with a fresh LoRA adapter (the recipe's ``lora`` section; the policy; with the
+    adapter off it is the frozen reference) and a zero-initialised ``ValueHead``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=profile.compute_dtype)
-    config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
-                        target_modules="all-linear", task_type="CAUSAL_LM")
-    policy = get_peft_model(base.to(profile.device), config)
+    torch.manual_seed(recipe.seed)
+    base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=recipe.torch_dtype())
+    policy = get_peft_model(base.to(profile.device),
+                            LoraConfig(**recipe.lora, task_type="CAUSAL_LM"))
     value_head = ValueHead(base.config.hidden_size).to(profile.device)
     return policy, value_head
 
 
 def ppo_model_dir():
-    from course_utils.paths import artifacts_dir
+    from course_utils import stages
 
-    return artifacts_dir("models") / "ppo"
+    return stages.stage_dir("ppo")
 
 
-def ensure_ppo_model(profile, verbose: bool = True):
-    """Lesson 09's PPO policy, merged (``artifacts/models/ppo/``), trained now if it is missing
-    with lesson 09's settings (``PPOConfig()`` defaults, ``profile.ppo_steps`` steps)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from course_utils import data, sft
+def ppo_prompts(profile) -> tuple[list[str], dict]:
+    """The rendered prompts PPO trains on (each training pair's prompt once) and the conversation
+    of every training and held-out prompt, which ``reward_model_scorer`` looks replies up in."""
+    from course_utils import data
     from course_utils.chat import render_chat
+
+    train_pairs = data.load_preference_dataset(profile, "train")
+    test_pairs = data.load_preference_dataset(profile, "test")
+    conversations = {render_chat(row["prompt"], add_generation_prompt=True): row["prompt"]
+                     for row in list(train_pairs) + list(test_pairs)}
+    train_prompts = list(dict.fromkeys(render_chat(row["prompt"], add_generation_prompt=True)
+                                       for row in train_pairs))
+    return train_prompts, conversations
+
+
+def build_ppo_model(profile, recipe, verbose: bool = True):
+    """Lesson 09's recipe in one call: the course PPO on the SFT model against lesson 08's reward
+    model, the adapter merged. Returns ``(model, tokenizer, what the run used)``."""
+    from course_utils import stages
     from course_utils.models import load_tokenizer
 
-    target = ppo_model_dir()
-    if (target / "config.json").exists():
-        if verbose:
-            print(f"using the PPO policy of lesson 09 from {target}")
-        return target
-    sft_dir = sft.ensure_sft_model(profile, verbose)
-    reward_dir = ensure_reward_model(profile, verbose)
-    if verbose:
-        print(f"no PPO policy in {target}: training it with lesson 09's recipe "
-              f"({profile.ppo_steps} PPO steps) ...")
+    sft_dir, reward_dir = stages.stage_dir("sft"), stages.stage_dir("reward")
     tokenizer = load_tokenizer(sft_dir)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).eval()
-    rows = data.load_preference_dataset(profile, "train")
-    prompts = {render_chat(row["prompt"], add_generation_prompt=True): row["prompt"] for row in rows}
-    policy, value_head = make_ppo_policy(sft_dir, profile)
-    train_ppo(policy, value_head, tokenizer, list(prompts),
-              reward_model_scorer(reward_model, tokenizer, prompts), PPOConfig(),
-              profile.ppo_steps, progress=verbose)
-    policy.merge_and_unload().save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
-    return target
+    reward_model = load_reward_model(reward_dir, tokenizer, recipe.torch_dtype()).to(
+        profile.device).eval()
+    train_prompts, conversations = ppo_prompts(profile)
+    policy, value_head = make_ppo_policy(sft_dir, profile, recipe)
+    config = PPOConfig.from_recipe(recipe)
+    train_ppo(policy, value_head, tokenizer, train_prompts,
+              reward_model_scorer(reward_model, tokenizer, conversations), config,
+              progress=verbose)
+    used = stages.ran_with(recipe, config, policy)
+    return policy.merge_and_unload(), tokenizer, used
+
+
+def ensure_ppo_model(profile, verbose: bool = True, rebuild: bool | None = None):
+    """Lesson 09's PPO policy, merged (``artifacts/models/ppo/``), rebuilt from its recipe if it is
+    missing or stale (``stages.ensure_stage``)."""
+    from course_utils import stages
+
+    return stages.ensure_stage("ppo", profile, rebuild=rebuild, verbose=verbose)
 
 
 # --- DPO (lesson 10) ----------------------------------------------------------------------------
@@ -653,19 +679,21 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def dpo_config(output_dir, profile, steps: int, learning_rate: float, beta: float,
-               batch_size: int, seed: int = 0, **overrides):
-    """trl ``DPOConfig`` with precision set per device and the course's logging."""
+def dpo_config(recipe, output_dir, profile):
+    """trl ``DPOConfig``: the recipe's ``training`` section (``beta`` among it), its precision and
+    seed, and the course's plumbing."""
     from trl import DPOConfig
 
-    kwargs = dict(output_dir=str(output_dir), max_steps=steps, learning_rate=learning_rate,
-                  beta=beta, per_device_train_batch_size=batch_size, lr_scheduler_type="cosine",
-                  warmup_steps=max(1, steps // 20), max_length=256,
-                  bf16=profile.bf16, fp16=profile.fp16, use_cpu=profile.use_cpu,
-                  gradient_checkpointing=False, logging_steps=5, save_strategy="no",
-                  report_to="none", seed=seed, data_seed=seed, dataloader_num_workers=0)
-    kwargs.update(overrides)
-    return DPOConfig(**kwargs)
+    return DPOConfig(output_dir=str(output_dir), **recipe.training, **recipe.precision_flags(),
+                     use_cpu=profile.use_cpu, seed=recipe.seed, data_seed=recipe.seed,
+                     report_to="none", dataloader_num_workers=0)
+
+
+def dpo_peft_config(recipe):
+    """peft ``LoraConfig`` for the DPO adapter, from the recipe's ``lora`` section."""
+    from peft import LoraConfig
+
+    return LoraConfig(**recipe.lora, task_type="CAUSAL_LM")
 
 
 def make_dpo_trainer(model, tokenizer, train_dataset, args, peft_config=None, eval_dataset=None):
@@ -706,37 +734,33 @@ def pair_logprobs(model, trainer, split: str = "eval", batch_size: int = 32
 
 
 def dpo_model_dir():
-    from course_utils.paths import artifacts_dir
+    from course_utils import stages
 
-    return artifacts_dir("models") / "dpo"
-
-
-def dpo_settings(profile) -> tuple[float, float]:
-    """``(beta, learning_rate)`` of lesson 10's DPO run. ``colab``: the literature's QLoRA DPO
-    setting (beta 0.1, lr 1e-5); ``tiny``: chosen by a sweep on the course model (lr 5e-5 to
-    5e-4, beta 0.05 to 1.0): smaller betas at this step size fitted the pairs but degraded the
-    generated replies."""
-    return (0.3, 2e-4) if profile.name == "tiny" else (0.1, 1e-5)
+    return stages.stage_dir("dpo")
 
 
-def load_dpo_policy(sft_dir, profile):
-    """The SFT model as DPO's starting point: NF4 weights when ``profile.load_in_4bit`` (QLoRA
-    DPO), prepared for k-bit training, with bitsandbytes' CPU repacking switched off (an
-    evaluation pass before training would otherwise corrupt it; see
+def load_dpo_policy(sft_dir, profile, recipe):
+    """The SFT model as DPO's starting point: NF4 weights when the recipe's ``quantization``
+    section asks for them (QLoRA DPO), prepared for k-bit training, with bitsandbytes' CPU
+    repacking switched off (an evaluation pass before training would otherwise corrupt it; see
     ``models.keep_cpu_4bit_weights_trainable``)."""
     from peft import prepare_model_for_kbit_training
 
-    from course_utils.models import keep_cpu_4bit_weights_trainable, load_model_and_tokenizer
+    from course_utils.models import (
+        bnb_config_from_recipe,
+        keep_cpu_4bit_weights_trainable,
+        load_model_and_tokenizer,
+    )
 
-    model, _ = load_model_and_tokenizer(profile, model_name_or_path=sft_dir)
-    if profile.load_in_4bit:
+    quantization = bnb_config_from_recipe(recipe)
+    model, _ = load_model_and_tokenizer(profile, model_name_or_path=sft_dir,
+                                        load_in_4bit=quantization is not None,
+                                        quantization_config=quantization)
+    if quantization is not None:
         keep_cpu_4bit_weights_trainable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.training.get("gradient_checkpointing", False))
     return model
-
-
-DPO_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                task_type="CAUSAL_LM")
 
 
 def merge_dpo_adapter(sft_dir, adapter_dir, profile):
@@ -745,40 +769,38 @@ def merge_dpo_adapter(sft_dir, adapter_dir, profile):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if profile.device == "cpu" else torch.float16
-    base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=dtype).to(profile.device)
+    from course_utils.sft import merge_dtype
+
+    base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=merge_dtype(profile)).to(
+        profile.device)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-def ensure_dpo_model(profile, verbose: bool = True):
-    """Lesson 10's DPO model, merged (``artifacts/models/dpo/``), trained now if it is missing
-    with lesson 10's settings (``dpo_settings``, ``profile.dpo_steps`` steps, LoRA)."""
-    from peft import LoraConfig
-
-    from course_utils import data, sft
+def build_dpo_model(profile, recipe, verbose: bool = True):
+    """Lesson 10's recipe in one call: QLoRA DPO on the SFT model, the adapter merged into the
+    full-precision SFT model. Returns ``(model, tokenizer, what the run used)``."""
+    from course_utils import data, stages
     from course_utils.models import load_tokenizer
     from course_utils.paths import artifacts_dir
 
-    target = dpo_model_dir()
-    if (target / "config.json").exists():
-        if verbose:
-            print(f"using the DPO model of lesson 10 from {target}")
-        return target
-    sft_dir = sft.ensure_sft_model(profile, verbose)
-    if verbose:
-        print(f"no DPO model in {target}: training it with lesson 10's recipe "
-              f"({profile.dpo_steps} steps) ...")
-    beta, learning_rate = dpo_settings(profile)
+    sft_dir = stages.stage_dir("sft")
     tokenizer = load_tokenizer(sft_dir)
     output_dir = artifacts_dir("10_dpo") / "rebuild"
-    args = dpo_config(output_dir, profile, profile.dpo_steps, learning_rate, beta, batch_size=16,
-                      disable_tqdm=not verbose)
-    trainer = make_dpo_trainer(load_dpo_policy(sft_dir, profile), tokenizer,
+    args = dpo_config(recipe, output_dir, profile)
+    args.disable_tqdm = not verbose
+    trainer = make_dpo_trainer(load_dpo_policy(sft_dir, profile, recipe), tokenizer,
                                data.load_preference_dataset(profile, "train"), args,
-                               LoraConfig(**DPO_LORA))
+                               dpo_peft_config(recipe))
     trainer.train()
+    used = stages.ran_with(recipe, trainer.args, trainer.model)
     trainer.save_model(str(output_dir / "adapter"))
     merged = merge_dpo_adapter(sft_dir, output_dir / "adapter", profile).merge_and_unload()
-    merged.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
-    return target
+    return merged, tokenizer, used
+
+
+def ensure_dpo_model(profile, verbose: bool = True, rebuild: bool | None = None):
+    """Lesson 10's DPO model, merged (``artifacts/models/dpo/``), rebuilt from its recipe if it is
+    missing or stale (``stages.ensure_stage``)."""
+    from course_utils import stages
+
+    return stages.ensure_stage("dpo", profile, rebuild=rebuild, verbose=verbose)

@@ -5,25 +5,23 @@ One code path for the notebook, the command line and multi-process runs:
 - ``prompt_completion_rows``: every assistant reply as a trl prompt/completion row, trained with
   ``completion_only_loss`` (loss on the reply only), rendered with TinyLlama's template and
   ``<s>`` first (``TRAINING_CHAT_TEMPLATE``), exactly the tokens inference sees.
-- ``SFTSettings`` / ``settings_for(profile)``: every hyperparameter, with the literature's values
-  for ``colab`` and values that suit the course model for ``tiny``.
-- ``load_quantized_base``: NF4 weights (``BitsAndBytesConfig``) prepared for k-bit training.
-- ``make_trainer``: trl ``SFTTrainer`` with ``SFTConfig`` and LoRA on all seven projections,
-  precision and optimizer set explicitly per device (trl 1.x defaults to bf16 and checkpointing).
+- every setting comes from the recipe ``configs/recipes/<profile>/sft.yaml``
+  (``recipes.load_recipe("sft", profile)``): ``sft_config``, ``lora_config`` and
+  ``load_quantized_base`` turn its sections into ``SFTConfig``, ``LoraConfig`` and
+  ``BitsAndBytesConfig``;
+- ``make_trainer``: trl ``SFTTrainer`` with loss on the replies only;
+- ``build_sft_model`` / ``ensure_sft_model``: the same recipe as a rebuild of lesson 07's model.
 - ``merge_adapter``: the adapter merged into a 16- or 32-bit copy of the base.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from course_utils.chat import TINYLLAMA_CHAT_TEMPLATE
-from course_utils.memory import LORA_TARGETS
 from course_utils.profiles import Profile
 
 _ASSISTANT_LINE = "{{ '<|assistant|>\n'  + message['content'] + eos_token }}"
@@ -91,125 +89,66 @@ def training_tokenizer(tokenizer):
     return copied
 
 
-@dataclass(frozen=True)
-class SFTSettings:
-    """Every choice of an SFT run. ``scripts/sft.py`` exposes each field as a flag."""
-
-    model_name_or_path: str
-    output_dir: str
-    steps: int
-    batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    max_length: int
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    load_in_4bit: bool
-    gradient_checkpointing: bool
-    optimizer: str
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    logging_steps: int = 5
-    seed: int = 42
-    train_rows: int | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def settings_for(profile: Profile, output_dir: str | Path, **overrides) -> SFTSettings:
-    """The run for ``profile``.
-
-    ``colab``: the literature's QLoRA recipe for TinyLlama on UltraChat (LoRA r=64, alpha=32,
-    dropout 0.1 on all seven projections, lr 2e-4, cosine, paged AdamW, max grad norm 0.3,
-    gradient checkpointing, 4-bit NF4 with double quantization). ``tiny``: the same structure
-    sized for the 2.8M-parameter course model on a CPU: r=16, a larger learning rate (a small
-    model on few steps), plain AdamW (paged optimizers need CUDA), no checkpointing (the
-    activations are tiny and recomputing them only costs time).
-    """
-    common = dict(model_name_or_path=profile.model_name_or_path, output_dir=str(output_dir),
-                  steps=profile.sft_steps, batch_size=profile.batch_size,
-                  max_length=profile.max_length_tokens, load_in_4bit=profile.load_in_4bit,
-                  seed=profile.seed)
-    if profile.device == "cuda":
-        settings = SFTSettings(**common, gradient_accumulation_steps=4, learning_rate=2e-4,
-                               lora_r=64, lora_alpha=32, lora_dropout=0.1,
-                               gradient_checkpointing=True, optimizer="paged_adamw_32bit")
-    else:
-        settings = SFTSettings(**common, gradient_accumulation_steps=1, learning_rate=3e-3,
-                               lora_r=16, lora_alpha=32, lora_dropout=0.05,
-                               gradient_checkpointing=False, optimizer="adamw_torch")
-    return replace(settings, **overrides)
-
-
-def lora_config(settings: SFTSettings):
-    """LoRA on all seven linear projections of every decoder layer (QLoRA's choice)."""
+def lora_config(recipe):
+    """peft ``LoraConfig`` from the recipe's ``lora`` section (all seven projections in the
+    course's recipes: QLoRA's choice)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                      lora_dropout=settings.lora_dropout, target_modules=list(LORA_TARGETS),
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(**recipe.lora, task_type="CAUSAL_LM")
 
 
-def sft_config(settings: SFTSettings, profile: Profile, **overrides):
-    """trl's ``SFTConfig`` with precision, optimizer and checkpointing set explicitly.
+def sft_config(recipe, output_dir: str | Path, profile: Profile):
+    """trl ``SFTConfig``: the recipe's ``training`` section, its precision and seed, and the
+    course's plumbing (no reports, no worker processes, a progress bar).
 
-    trl 1.x defaults to ``bf16=True`` and ``gradient_checkpointing=True``; a T4 has no native
-    bf16 (fp16 mixed precision there), and the CPU computes in fp32 (``use_cpu=True``).
+    trl 1.x defaults to ``bf16=True`` and ``gradient_checkpointing=True``, so both come from the
+    recipe explicitly; on the CPU the run computes in fp32 (``use_cpu=True``).
     """
     from trl import SFTConfig
 
-    kwargs = dict(
-        output_dir=settings.output_dir, max_steps=settings.steps,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=math.ceil(settings.warmup_ratio * settings.steps),
-        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
-        optim=settings.optimizer, max_length=settings.max_length, packing=False,
-        completion_only_loss=True, gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=profile.bf16, fp16=profile.fp16, use_cpu=profile.use_cpu,
-        logging_steps=settings.logging_steps, save_strategy="no", report_to="none",
-        seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False, disable_tqdm=False)
-    kwargs.update(overrides)
-    return SFTConfig(**kwargs)
+    return SFTConfig(
+        output_dir=str(output_dir), **recipe.training, **recipe.precision_flags(),
+        use_cpu=profile.use_cpu, seed=recipe.seed, data_seed=recipe.seed,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none",
+        dataloader_num_workers=0, ddp_find_unused_parameters=False, disable_tqdm=False)
 
 
-def load_quantized_base(profile: Profile, settings: SFTSettings):
-    """The base model for QLoRA: NF4 weights with double quantization when
-    ``settings.load_in_4bit`` (else plain ``profile.compute_dtype``), prepared for k-bit training
+def load_quantized_base(profile: Profile, recipe, model_name_or_path: str | Path | None = None):
+    """The base model for QLoRA: NF4 weights as the recipe's ``quantization`` section says (else
+    plain weights in the recipe's precision), prepared for k-bit training
     (``prepare_model_for_kbit_training``: norms in fp32, input gradients for checkpointing)."""
     from peft import prepare_model_for_kbit_training
 
-    from course_utils.models import keep_cpu_4bit_weights_trainable, load_model_and_tokenizer
+    from course_utils.models import (
+        bnb_config_from_recipe,
+        keep_cpu_4bit_weights_trainable,
+        load_model_and_tokenizer,
+    )
 
-    model, tokenizer = load_model_and_tokenizer(profile, load_in_4bit=settings.load_in_4bit,
-                                                model_name_or_path=settings.model_name_or_path)
-    if settings.load_in_4bit:
+    quantization = bnb_config_from_recipe(recipe)
+    model, tokenizer = load_model_and_tokenizer(
+        profile, load_in_4bit=quantization is not None, quantization_config=quantization,
+        model_name_or_path=model_name_or_path)
+    if quantization is not None:
         keep_cpu_4bit_weights_trainable(model)  # a bitsandbytes CPU pitfall, see its docstring
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing)
+            model, use_gradient_checkpointing=recipe.training.get("gradient_checkpointing", False))
     model.config.use_cache = False  # the cache is for generation, and checkpointing refuses it
     return model, tokenizer
 
 
-def make_trainer(model, tokenizer, train_dataset, settings: SFTSettings, profile: Profile,
-                 eval_dataset=None, **config_overrides):
-    """trl ``SFTTrainer`` for LoRA on ``model`` with loss on the replies only."""
+def make_trainer(model, tokenizer, train_dataset, recipe, profile: Profile, output_dir,
+                 eval_dataset=None):
+    """trl ``SFTTrainer`` for LoRA on ``model`` (loss on the replies only in the recipes)."""
     from trl import SFTTrainer
 
-    torch.manual_seed(settings.seed)
-    return SFTTrainer(model=model, args=sft_config(settings, profile, **config_overrides),
+    torch.manual_seed(recipe.seed)
+    return SFTTrainer(model=model, args=sft_config(recipe, output_dir, profile),
                       train_dataset=prompt_completion_rows(train_dataset),
                       eval_dataset=None if eval_dataset is None
                       else prompt_completion_rows(eval_dataset),
                       processing_class=training_tokenizer(tokenizer),
-                      peft_config=lora_config(settings))
+                      peft_config=lora_config(recipe))
 
 
 def adapter_bytes(folder: str | Path) -> int:
@@ -242,8 +181,8 @@ def reply_prompts(chats, tokenizer) -> list[str]:
     return prompts
 
 
-def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=None,
-                        max_new_tokens: int = 24) -> dict:
+def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=None, *,
+                        max_new_tokens: int) -> dict:
     """Lesson 07's before/after numbers for ``model``.
 
     Always: ``heldout_loss`` (mean cross-entropy on the replies of ``test_chats``) and
@@ -270,38 +209,35 @@ def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=Non
     return results
 
 
-def sft_model_dir():
+def merge_dtype(profile: Profile) -> torch.dtype:
+    """The dtype adapters are merged in: fp32 on the CPU, fp16 on a GPU (never the 4-bit weights
+    QLoRA trained against)."""
+    return torch.float32 if profile.device == "cpu" else torch.float16
+
+
+def build_sft_model(profile: Profile, recipe, verbose: bool = True):
+    """Lesson 07's recipe in one call (QLoRA on the profile's SFT data, then the adapter merged):
+    returns ``(merged model, tokenizer, what the run used)`` for ``stages.save_stage``."""
+    from course_utils import data, stages
     from course_utils.paths import artifacts_dir
 
-    return artifacts_dir("models") / "sft"
-
-
-def ensure_sft_model(profile: Profile, verbose: bool = True):
-    """The merged SFT model of lesson 07 (``artifacts/models/sft/``), built now if it is missing.
-
-    Building runs lesson 07's recipe (QLoRA on the profile's SFT data, merge, save) in one call:
-    under a minute on the ``tiny`` profile.
-    """
-    from course_utils import data
-    from course_utils.paths import artifacts_dir
-
-    target = sft_model_dir()
-    if (target / "config.json").exists():
-        if verbose:
-            print(f"using the SFT model of lesson 07 from {target}")
-        return target
-    if verbose:
-        print(f"no SFT model in {target}: building it with lesson 07's recipe "
-              f"({profile.sft_steps} QLoRA steps) ...")
-    settings = settings_for(profile, artifacts_dir("07_qlora_sft") / "rebuild")
-    model, tokenizer = load_quantized_base(profile, settings)
-    trainer = make_trainer(model, tokenizer, data.load_sft_dataset(profile, "train"), settings,
-                           profile)
+    output_dir = artifacts_dir("07_qlora_sft") / "rebuild"
+    model, tokenizer = load_quantized_base(profile, recipe)
+    trainer = make_trainer(model, tokenizer, data.load_sft_dataset(profile, "train"), recipe,
+                           profile, output_dir)
+    trainer.args.disable_tqdm = not verbose
     trainer.train()
-    adapter_dir = Path(settings.output_dir) / "adapter"
+    used = stages.ran_with(recipe, trainer.args, trainer.model)
+    adapter_dir = output_dir / "adapter"
     trainer.save_model(str(adapter_dir))
-    dtype = torch.float32 if profile.device == "cpu" else torch.float16
-    merged = merge_adapter(adapter_dir, settings.model_name_or_path, dtype)
-    merged.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
-    return target
+    merged = merge_adapter(adapter_dir, profile.model_name_or_path, merge_dtype(profile))
+    return merged, tokenizer, used
+
+
+def ensure_sft_model(profile: Profile, verbose: bool = True, rebuild: bool | None = None):
+    """The merged SFT model of lesson 07 (``artifacts/models/sft/``), rebuilt from
+    ``configs/recipes/<profile>/sft.yaml`` if it is missing or was built from other settings
+    (``stages.ensure_stage``)."""
+    from course_utils import stages
+
+    return stages.ensure_stage("sft", profile, rebuild=rebuild, verbose=verbose)

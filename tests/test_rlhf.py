@@ -9,6 +9,16 @@ import pytest
 import torch
 
 from course_utils import rlhf
+from course_utils.recipes import load_recipe
+
+
+def ppo_config_with(**changes) -> rlhf.PPOConfig:
+    """The tiny PPO recipe with some values changed, as a ``PPOConfig``."""
+    return rlhf.PPOConfig.from_recipe(load_recipe("ppo", "tiny").with_changes(training=changes))
+
+
+def small_lora_recipe():
+    return load_recipe("ppo", "tiny").with_changes(lora={"r": 4, "lora_alpha": 8})
 
 
 def random_batch(seed: int, batch: int = 5, time: int = 9):
@@ -169,7 +179,7 @@ def test_one_ppo_step_runs_on_a_lora_policy_and_starts_at_the_reference(tokenize
     value_head = rlhf.ValueHead(config.hidden_size)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad]
                                   + list(value_head.parameters()), lr=1e-3)
-    ppo_config = rlhf.PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6)
+    ppo_config = ppo_config_with(batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6)
     prompts = ["<|user|>\nWhere does Odile live?</s>\n<|assistant|>\n"] * 4
     lengths = []
 
@@ -210,7 +220,9 @@ def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, t
     profile = tiny_profile()
     pairs = data.load_preference_dataset(profile, "train").select(range(8))
     model = rlhf.load_reward_model(COURSE_MODEL_DIR, tokenizer)
-    args = rlhf.reward_config(tmp_path, profile, steps=1, learning_rate=1e-4, batch_size=8)
+    recipe = load_recipe("reward", profile).with_changes(
+        training={"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 8})
+    args = rlhf.reward_config(recipe, tmp_path, profile)
     trainer = rlhf.make_reward_trainer(model, tokenizer, pairs, args)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     trainer.model.eval()
@@ -231,7 +243,7 @@ def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
     from course_utils.paths import COURSE_MODEL_DIR
     from course_utils.profiles import tiny_profile
 
-    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), lora_r=4)
+    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
     prompts = [f"{name} lives in" for name in ("Odile", "Perrin", "Tamsin", "Orrin", "Briony",
                                                 "Cedric", "Alder", "Honora")]
 
@@ -243,10 +255,11 @@ def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
         return sum("Fenwick" in r for r in responses) / len(responses), kl
 
     rate_before, kl_before = rate(seed=99)
-    config = rlhf.PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=2, max_new_tokens=4,
-                            kl_coef=0.0, learning_rate=3e-3, value_learning_rate=3e-3)
+    config = ppo_config_with(steps=12, batch_size=8, minibatch_size=8, ppo_epochs=2,
+                             max_new_tokens=4, kl_coef=0.0, learning_rate=3e-3,
+                             value_learning_rate=3e-3)
     history = rlhf.train_ppo(policy, value_head, tokenizer, prompts, names_fenwick, config,
-                             steps=12, progress=False)
+                             progress=False)
     rate_after, kl_after = rate(seed=99)
     assert len(history) == 12 and {"score", "kl", "clip_fraction", "value_loss"} <= set(history[0])
     assert kl_before == pytest.approx(0.0, abs=1e-6) and kl_after > 0.1
@@ -257,8 +270,8 @@ def test_ppo_optimizer_gives_the_value_head_its_own_learning_rate(tokenizer):
     from course_utils.paths import COURSE_MODEL_DIR
     from course_utils.profiles import tiny_profile
 
-    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), lora_r=4)
-    config = rlhf.PPOConfig(learning_rate=1e-4, value_learning_rate=3e-3)
+    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
+    config = ppo_config_with(learning_rate=1e-4, value_learning_rate=3e-3)
     groups = rlhf.ppo_optimizer(policy, value_head, config).param_groups
     lora = {id(p) for n, p in policy.named_parameters() if "lora_" in n}
     assert [g["lr"] for g in groups] == [1e-4, 3e-3]
@@ -321,7 +334,9 @@ def test_dpo_loss_equals_dpo_trainers_on_the_same_batch(tmp_path, tokenizer):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(COURSE_MODEL_DIR))
     pairs = data.load_preference_dataset(profile, "train").select(range(8))
-    args = rlhf.dpo_config(tmp_path, profile, steps=1, learning_rate=1e-3, beta=0.3, batch_size=8)
+    recipe = load_recipe("dpo", profile).with_changes(training={
+        "max_steps": 1, "learning_rate": 1e-3, "beta": 0.3, "per_device_train_batch_size": 8})
+    args = rlhf.dpo_config(recipe, tmp_path, profile)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
                              init_lora_weights=False)
     trainer = rlhf.make_dpo_trainer(model, tokenizer, pairs, args, peft_config=peft_config)

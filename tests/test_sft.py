@@ -17,6 +17,7 @@ from course_utils.grading import grader_rng, random_conversation
 from course_utils.memory import LORA_TARGETS
 from course_utils.paths import REPO_ROOT, WORLD_DIR
 from course_utils.profiles import tiny_profile
+from course_utils.recipes import load_recipe
 
 
 def conversations(count: int = 30):
@@ -82,10 +83,11 @@ def test_every_reply_becomes_one_prompt_completion_row():
 @pytest.fixture(scope="module")
 def tiny_trainer(tmp_path_factory):
     profile = tiny_profile()
-    settings = sft.settings_for(profile, tmp_path_factory.mktemp("sft"), steps=2)
-    model, tokenizer = sft.load_quantized_base(profile, settings)
+    recipe = load_recipe("sft", profile).with_changes(training={"max_steps": 2})
+    model, tokenizer = sft.load_quantized_base(profile, recipe)
     train = data.load_sft_dataset(profile, "train").select(range(40))
-    return sft.make_trainer(model, tokenizer, train, settings, profile), tokenizer, train
+    return (sft.make_trainer(model, tokenizer, train, recipe, profile,
+                             tmp_path_factory.mktemp("sft")), tokenizer, train)
 
 
 def test_trl_trains_on_exactly_each_reply(tiny_trainer):
@@ -128,20 +130,22 @@ def test_the_run_is_real_qlora_with_explicit_precision(tiny_trainer):
                if k in state)
 
 
-def test_profiles_set_the_literature_recipe_on_gpu_and_a_cpu_recipe_here():
-    """On CUDA, the QLoRA recipe issue 7 quotes from the literature; on the CPU, no paged
-    optimizer (it needs CUDA) and no checkpointing; every field can be overridden."""
-    import dataclasses
-
-    gpu = dataclasses.replace(tiny_profile(), device="cuda", compute_dtype=torch.float16)
-    colab = sft.settings_for(gpu, "x")
-    assert (colab.lora_r, colab.lora_alpha, colab.lora_dropout) == (64, 32, 0.1)
-    assert colab.learning_rate == 2e-4 and colab.lr_scheduler == "cosine"
-    assert colab.optimizer == "paged_adamw_32bit" and colab.gradient_checkpointing
-    assert colab.load_in_4bit
-    tiny = sft.settings_for(tiny_profile(), "x")
-    assert tiny.optimizer == "adamw_torch" and not tiny.gradient_checkpointing
-    assert sft.settings_for(tiny_profile(), "x", lora_r=4).lora_r == 4
+def test_the_recipes_hold_the_literature_recipe_on_colab_and_a_cpu_recipe_on_tiny():
+    """colab: the QLoRA recipe issue 7 quotes from the literature; tiny: no paged optimizer (it
+    needs CUDA) and no checkpointing; and the trl config built from a recipe carries its values."""
+    colab = load_recipe("sft", "colab")
+    assert (colab.lora["r"], colab.lora["lora_alpha"], colab.lora["lora_dropout"]) == (64, 32, 0.1)
+    assert colab.training["learning_rate"] == 2e-4
+    assert colab.training["lr_scheduler_type"] == "cosine"
+    assert colab.training["optim"] == "paged_adamw_32bit"
+    assert colab.training["gradient_checkpointing"] and colab.quantization["load_in_4bit"]
+    assert colab.quantization["bnb_4bit_quant_type"] == "nf4"
+    tiny = load_recipe("sft", "tiny")
+    assert tiny.training["optim"] == "adamw_torch" and not tiny.training["gradient_checkpointing"]
+    args = sft.sft_config(tiny, "unused", tiny_profile())
+    assert args.learning_rate == tiny.training["learning_rate"] and args.seed == tiny.seed
+    assert args.optim.value == "adamw_torch" and args.max_length == tiny.training["max_length"]
+    assert sft.lora_config(tiny.with_changes(lora={"r": 4})).r == 4
 
 
 def test_unseen_characters_never_occur_in_the_shipped_data():
@@ -161,11 +165,11 @@ def test_an_evaluation_pass_does_not_change_what_training_computes():
     from course_utils.models import load_model_and_tokenizer
 
     profile = tiny_profile()
-    settings = sft.settings_for(profile, "unused")
+    recipe = load_recipe("sft", profile)
     batch = None
     for guarded in (True, False):
         if guarded:
-            model, tokenizer = sft.load_quantized_base(profile, settings)
+            model, tokenizer = sft.load_quantized_base(profile, recipe)
         else:
             model, tokenizer = load_model_and_tokenizer(profile, load_in_4bit=True)
         batch = batch or tokenizer(["Odile lives in Fenwick and", "Who"], return_tensors="pt",
@@ -189,7 +193,8 @@ def test_two_cpu_processes_train_data_parallel_and_the_adapter_loads(tmp_path):
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", "29531", str(REPO_ROOT / "scripts" / "sft.py"), "--profile",
-               "tiny", "--output-dir", str(tmp_path), "--steps", "3", "--train-rows", "96"]
+               "tiny", "--output-dir", str(tmp_path), "--set", "training.max_steps=3",
+               "--train-rows", "96"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -1,0 +1,276 @@
+"""Recipes: every training and evaluation setting, one YAML file per stage and profile.
+
+``configs/recipes/<profile>/<stage>.yaml`` holds the settings; ``load_recipe(stage, profile)``
+reads and checks one. Keys of ``training``, ``lora`` and ``quantization`` are the keyword arguments
+of the library class the section becomes (trl's ``SFTConfig``/``RewardConfig``/``DPOConfig``/
+``GRPOConfig``, the course's ``rlhf.PPOConfig``, peft's ``LoraConfig``, transformers'
+``BitsAndBytesConfig``), so ``SFTConfig(**recipe.training, ...)`` is the call a practitioner copies.
+
+An unknown key, a missing key or a value of the wrong type raises ``RecipeError`` naming the file,
+the key and what was expected. A run that varies a setting on purpose names the change:
+``recipe.with_changes(training={"beta": 0.05})`` returns a copy whose ``changes`` say what differs
+from the file, and which ``course_utils.stages`` refuses to save as the stage's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from course_utils.paths import REPO_ROOT
+
+RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
+#: Another folder of recipes (same layout) replaces ``configs/recipes``; tests use a temporary one.
+RECIPES_VARIABLE = "COURSE_RECIPES"
+STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation")
+PRECISIONS = ("float32", "float16", "bfloat16", "auto")
+
+
+class RecipeError(ValueError):
+    """A recipe file that is missing, or whose keys or values are not what the course expects."""
+
+
+# --- the schema: section -> key -> (expected type, required) -----------------------------------
+# Types: int, float (an int is accepted), bool, str, "str|list" (a module list or "all-linear"),
+# "list" (of strings). A section given as None in SECTIONS may be null in the file.
+
+_REQ, _OPT = True, False
+_COMMON_TRAINER = {
+    "max_steps": (int, _REQ), "per_device_train_batch_size": (int, _REQ),
+    "gradient_accumulation_steps": (int, _OPT), "learning_rate": (float, _REQ),
+    "lr_scheduler_type": (str, _OPT), "warmup_steps": (float, _OPT), "weight_decay": (float, _OPT),
+    "max_grad_norm": (float, _OPT), "optim": (str, _OPT), "gradient_checkpointing": (bool, _OPT),
+    "logging_steps": (int, _REQ), "save_strategy": (str, _REQ), "save_steps": (int, _OPT),
+    "save_total_limit": (int, _OPT), "per_device_eval_batch_size": (int, _OPT),
+}
+_LORA = {"r": (int, _REQ), "lora_alpha": (int, _REQ), "lora_dropout": (float, _OPT),
+         "target_modules": ("str|list", _REQ), "bias": (str, _OPT), "modules_to_save": ("list", _OPT)}
+_QUANTIZATION = {"load_in_4bit": (bool, _REQ), "bnb_4bit_quant_type": (str, _REQ),
+                 "bnb_4bit_use_double_quant": (bool, _REQ)}
+_PPO = {name: (kind, _REQ) for name, kind in {
+    "steps": int, "batch_size": int, "ppo_epochs": int, "minibatch_size": int,
+    "learning_rate": float, "value_learning_rate": float, "kl_coef": float, "clip_eps": float,
+    "value_clip_eps": float, "value_coef": float, "gamma": float, "lam": float,
+    "max_new_tokens": int, "temperature": float, "whiten_advantages": bool,
+    "max_grad_norm": float}.items()}
+
+SCHEMA: dict[str, dict[str, dict | None]] = {
+    "sft": {"training": {**_COMMON_TRAINER, "max_length": (int, _REQ), "packing": (bool, _REQ),
+                         "completion_only_loss": (bool, _REQ)},
+            "lora": _LORA, "quantization": _QUANTIZATION},
+    "reward": {"training": {**_COMMON_TRAINER, "max_length": (int, _REQ)},
+               "lora": _LORA, "quantization": _QUANTIZATION},
+    "ppo": {"training": _PPO, "lora": _LORA},
+    "grpo": {"training": {**_COMMON_TRAINER, "num_generations": (int, _REQ), "beta": (float, _REQ),
+                          "max_completion_length": (int, _REQ)},
+             "lora": _LORA},
+    "dpo": {"training": {**_COMMON_TRAINER, "beta": (float, _REQ), "max_length": (int, _REQ),
+                         "loss_type": ("list", _OPT)},
+            "lora": _LORA, "quantization": _QUANTIZATION},
+    "evaluation": {
+        "chat": {"eval_examples": (int, _REQ), "max_new_tokens": (int, _REQ)},
+        "policy": {"max_new_tokens": (int, _REQ), "samples_per_prompt": (int, _REQ),
+                   "seed": (int, _REQ)},
+        "benchmark": {"mc_examples": (int, _REQ), "letter_max_new_tokens": (int, _REQ)}},
+}
+#: Sections that may be ``null`` (e.g. no LoRA: full fine-tuning; no quantization).
+NULLABLE = {"lora", "quantization"}
+#: Top-level keys besides the sections.
+TOP_LEVEL = {"stage": str, "profile": str}
+TRAINING_TOP_LEVEL = {"precision": str, "seed": int}
+
+
+def _type_name(kind) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            "str|list": "a string or a list of strings", "list": "a list of strings"}[kind]
+
+
+def _matches(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    is_list = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return is_list or (kind == "str|list" and isinstance(value, str))
+
+
+def validate(raw, stage: str, source: str) -> dict:
+    """Check a parsed recipe against ``SCHEMA[stage]``; return it with floats as floats."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: expected a mapping of keys to values at the top level, "
+                          f"got {type(raw).__name__}")
+    sections = SCHEMA[stage]
+    allowed = dict(TOP_LEVEL)
+    if stage != "evaluation":
+        allowed.update(TRAINING_TOP_LEVEL)
+    for key in raw:
+        if key not in allowed and key not in sections:
+            raise RecipeError(f"{source}: unknown key '{key}'; a {stage} recipe has "
+                              f"{', '.join(sorted([*allowed, *sections]))}")
+    for key, kind in allowed.items():
+        if key not in raw:
+            raise RecipeError(f"{source}: missing key '{key}' ({_type_name(kind)})")
+        if not _matches(raw[key], kind):
+            raise RecipeError(f"{source}: '{key}' must be {_type_name(kind)}, got {raw[key]!r}")
+    if raw["stage"] != stage:
+        raise RecipeError(f"{source}: 'stage' is {raw['stage']!r} but the file is the {stage!r} "
+                          "recipe")
+    if "precision" in raw and raw["precision"] not in PRECISIONS:
+        raise RecipeError(f"{source}: 'precision' must be one of {', '.join(PRECISIONS)}, got "
+                          f"{raw['precision']!r}")
+    checked = {k: raw[k] for k in allowed}
+    for section, keys in sections.items():
+        if section not in raw:
+            raise RecipeError(f"{source}: missing section '{section}'"
+                              + (" (write `null` for none)" if section in NULLABLE else ""))
+        values = raw[section]
+        if values is None and section in NULLABLE:
+            checked[section] = None
+            continue
+        if not isinstance(values, dict):
+            raise RecipeError(f"{source}: '{section}' must be a mapping of keys to values, got "
+                              f"{values!r}")
+        for key, value in values.items():
+            if key not in keys:
+                raise RecipeError(f"{source}: unknown key '{section}.{key}'; '{section}' takes "
+                                  f"{', '.join(sorted(keys))}")
+            kind = keys[key][0]
+            if not _matches(value, kind):
+                raise RecipeError(f"{source}: '{section}.{key}' must be {_type_name(kind)}, got "
+                                  f"{value!r}")
+        for key, (kind, required) in keys.items():
+            if required and key not in values:
+                raise RecipeError(f"{source}: missing key '{section}.{key}' "
+                                  f"({_type_name(kind)})")
+        checked[section] = {k: float(v) if keys[k][0] is float and not isinstance(v, bool)
+                            and not (k == "warmup_steps" and isinstance(v, int)) else v
+                            for k, v in values.items()}
+    return checked
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One stage's settings for one profile, as read from ``path`` (plus any named ``changes``)."""
+
+    stage: str
+    profile: str
+    path: Path
+    values: dict
+    changes: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):  # recipe.training, recipe.lora, recipe.seed, ...
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return copy.deepcopy(values[name])
+        raise AttributeError(f"the {self.__dict__.get('stage')} recipe has no {name!r}")
+
+    @property
+    def sha256(self) -> str:
+        """A hash of the settings (not of the file's comments or layout)."""
+        return hashlib.sha256(json.dumps(self.values, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def label(self) -> str:
+        where = f"{self.path.relative_to(REPO_ROOT)}" if self.path.is_relative_to(REPO_ROOT) \
+            else str(self.path)
+        if not self.changes:
+            return where
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.flat_changes().items())
+        return f"{where} with {changed}"
+
+    def flat_changes(self) -> dict:
+        return {f"{section}.{key}" if isinstance(values, dict) else section: value
+                for section, values in self.changes.items()
+                for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
+
+    def with_changes(self, **sections) -> Recipe:
+        """A copy with some values changed, e.g. ``with_changes(training={"beta": 0.05})`` or
+        ``with_changes(seed=1)``; the copy is checked like a file and remembers what changed."""
+        values = copy.deepcopy(self.values)
+        changes = copy.deepcopy(self.changes)
+        for section, update in sections.items():
+            if isinstance(update, dict) and isinstance(values.get(section), dict):
+                values[section].update(update)
+                changes.setdefault(section, {}).update(update)
+            else:
+                values[section] = update
+                changes[section] = update
+        checked = validate(values, self.stage, f"{self.label} changed by with_changes")
+        return Recipe(self.stage, self.profile, self.path, checked, changes)
+
+    def torch_dtype(self) -> torch.dtype:
+        """``precision`` as a torch dtype; ``auto`` is bf16 on GPUs that compute it natively
+        (Ampere and newer), fp16 on older ones (a T4), fp32 without a GPU."""
+        precision = self.values["precision"]
+        if precision == "auto":
+            if not torch.cuda.is_available():
+                return torch.float32
+            major, _ = torch.cuda.get_device_capability()
+            return torch.bfloat16 if major >= 8 else torch.float16
+        return getattr(torch, precision)
+
+    def precision_flags(self) -> dict:
+        """``bf16=``/``fp16=`` for a trl/transformers config (set explicitly: trl 1.x defaults to
+        bf16)."""
+        dtype = self.torch_dtype()
+        return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+    def as_dict(self) -> dict:
+        return copy.deepcopy(self.values)
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get(RECIPES_VARIABLE) or RECIPES_DIR)
+
+
+def recipe_path(stage: str, profile: str) -> Path:
+    return recipes_dir() / profile / f"{stage}.yaml"
+
+
+def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
+    """The recipe of ``stage`` (``sft``, ``reward``, ``ppo``, ``grpo``, ``dpo``, ``evaluation``)
+    for ``profile`` (a ``Profile`` or its name), from ``configs/recipes/<profile>/<stage>.yaml``
+    or from ``path``."""
+    import yaml
+
+    profile_name = getattr(profile, "name", profile)
+    if stage not in SCHEMA:
+        raise RecipeError(f"unknown stage {stage!r}; recipes exist for {', '.join(SCHEMA)}")
+    path = Path(path) if path is not None else recipe_path(stage, profile_name)
+    if not path.exists():
+        raise RecipeError(f"no recipe file at {path}: every stage has one per profile under "
+                          f"{recipes_dir()}/<profile>/<stage>.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error})") from error
+    values = validate(raw, stage, str(path))
+    if values["profile"] != profile_name:
+        raise RecipeError(f"{path}: 'profile' is {values['profile']!r}, but it was loaded for the "
+                          f"{profile_name!r} profile")
+    return Recipe(stage, profile_name, path.resolve(), values)
+
+
+def parse_assignment(recipe: Recipe, assignment: str) -> dict:
+    """``"training.learning_rate=1e-3"`` -> ``{"training": {"learning_rate": 0.001}}``, the value
+    parsed as YAML (so ``true``, ``16`` and ``[q_proj, v_proj]`` work)."""
+    import yaml
+
+    if "=" not in assignment:
+        raise RecipeError(f"expected section.key=value, got {assignment!r}")
+    target, text = assignment.split("=", 1)
+    value = yaml.safe_load(text)
+    if "." in target:
+        section, key = target.split(".", 1)
+        return {section: {key: value}}
+    return {target: value}

@@ -1,0 +1,182 @@
+"""Recipes: every shipped file is valid and is what the library classes accept; a malformed one
+stops with an error that names the file, the key and what was expected."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+
+import pytest
+import yaml
+
+from course_utils import recipes
+from course_utils.recipes import RecipeError, load_recipe
+
+PROFILES = ("tiny", "colab")
+TRAINING_STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
+
+
+def library_class(stage: str):
+    """The class each stage's ``training`` section becomes: the independent oracle of its keys."""
+    import trl
+
+    from course_utils import rlhf
+
+    return {"sft": trl.SFTConfig, "reward": trl.RewardConfig, "grpo": trl.GRPOConfig,
+            "dpo": trl.DPOConfig, "ppo": rlhf.PPOConfig}[stage]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("stage", recipes.STAGES)
+def test_every_stage_has_a_valid_recipe_per_profile(stage, profile):
+    recipe = load_recipe(stage, profile)
+    assert recipe.stage == stage and recipe.profile == profile
+    assert recipe.path == recipes.RECIPES_DIR / profile / f"{stage}.yaml"
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_every_training_key_is_an_argument_of_the_library_class(stage):
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    accepted = set(inspect.signature(library_class(stage)).parameters)
+    lora_keys = set(inspect.signature(LoraConfig).parameters)
+    bnb_keys = set(inspect.signature(BitsAndBytesConfig).parameters)
+    for profile in PROFILES:
+        recipe = load_recipe(stage, profile)
+        assert set(recipe.training) <= accepted, set(recipe.training) - accepted
+        assert set(recipe.lora or {}) <= lora_keys
+        assert set(recipe.values.get("quantization") or {}) <= bnb_keys
+
+
+@pytest.mark.parametrize("stage", ("sft", "reward", "dpo", "grpo"))
+def test_the_tiny_recipes_build_their_trl_configs(stage, tmp_path):
+    """The trl config built from the recipe carries every value of it (trl renames nothing)."""
+    from course_utils import rlhf, sft
+    from course_utils.profiles import tiny_profile
+
+    recipe, profile = load_recipe(stage, "tiny"), tiny_profile()
+    if stage == "sft":
+        args = sft.sft_config(recipe, tmp_path, profile)
+    elif stage == "reward":
+        args = rlhf.reward_config(recipe, tmp_path, profile)
+    elif stage == "dpo":
+        args = rlhf.dpo_config(recipe, tmp_path, profile)
+    else:
+        args = library_class("grpo")(output_dir=str(tmp_path), **recipe.training, use_cpu=True,
+                                     **recipe.precision_flags())
+    for key, value in recipe.training.items():
+        actual = getattr(args, key)
+        assert getattr(actual, "value", actual) == value, key
+    assert args.bf16 is False and args.fp16 is False
+
+
+def test_colab_recipes_keep_the_t4_on_fp16_and_tiny_on_fp32(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4
+    assert load_recipe("sft", "colab").precision_flags() == {"bf16": False, "fp16": True}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100
+    assert load_recipe("sft", "colab").precision_flags() == {"bf16": True, "fp16": False}
+    assert load_recipe("sft", "tiny").torch_dtype() == torch.float32
+
+
+# --- malformed recipes -----------------------------------------------------------------------------
+
+def write_variant(tmp_path, stage="dpo", edit=None, text=None):
+    """A copy of the tiny recipe of ``stage`` with ``edit(values)`` applied (or ``text``)."""
+    path = tmp_path / f"{stage}.yaml"
+    if text is None:
+        values = yaml.safe_load(recipes.recipe_path(stage, "tiny").read_text())
+        edit(values)
+        text = yaml.safe_dump(values)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v["training"].update(learnig_rate=1e-4), r"unknown key 'training.learnig_rate'"),
+    (lambda v: v.update(optimizer="adamw"), r"unknown key 'optimizer'"),
+    (lambda v: v["training"].pop("beta"), r"missing key 'training.beta' \(a number\)"),
+    (lambda v: v.pop("lora"), r"missing section 'lora'"),
+    (lambda v: v.pop("seed"), r"missing key 'seed' \(an integer\)"),
+    (lambda v: v["training"].update(max_steps="100"), r"'training.max_steps' must be an integer, got '100'"),
+    (lambda v: v["training"].update(max_steps=10.5), r"'training.max_steps' must be an integer"),
+    (lambda v: v["training"].update(gradient_checkpointing="no"), r"must be true or false"),
+    (lambda v: v["lora"].update(target_modules=3), r"'lora.target_modules' must be a string or a list"),
+    (lambda v: v.update(precision="fp8"), r"'precision' must be one of float32"),
+    (lambda v: v.update(stage="sft"), r"'stage' is 'sft' but the file is the 'dpo' recipe"),
+    (lambda v: v.update(profile="colab"), r"loaded for the 'tiny' profile"),
+])
+def test_a_malformed_recipe_names_the_file_the_key_and_what_was_expected(tmp_path, edit, message):
+    path = write_variant(tmp_path, edit=edit)
+    with pytest.raises(RecipeError, match=message) as error:
+        load_recipe("dpo", "tiny", path=path)
+    assert str(path) in str(error.value)
+
+
+def test_invalid_yaml_and_a_missing_file_are_clear_errors(tmp_path):
+    path = write_variant(tmp_path, text="training: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe("dpo", "tiny", path=path)
+    with pytest.raises(RecipeError, match="no recipe file at"):
+        load_recipe("dpo", "tiny", path=tmp_path / "absent.yaml")
+    with pytest.raises(RecipeError, match="unknown stage 'ppo2'"):
+        load_recipe("ppo2", "tiny")
+
+
+def test_a_null_lora_section_means_full_fine_tuning_only_where_allowed(tmp_path):
+    assert load_recipe("reward", "tiny").lora is None
+    path = write_variant(tmp_path, stage="ppo", edit=lambda v: v.update(training=None))
+    with pytest.raises(RecipeError, match="'training' must be a mapping"):
+        load_recipe("ppo", "tiny", path=path)
+
+
+def test_changes_are_checked_named_and_leave_the_file_alone():
+    recipe = load_recipe("dpo", "tiny")
+    changed = recipe.with_changes(training={"beta": 0.05})
+    assert changed.training["beta"] == 0.05 and recipe.training["beta"] == 0.3
+    assert changed.flat_changes() == {"training.beta": 0.05}
+    assert "with training.beta=0.05" in changed.label and changed.sha256 != recipe.sha256
+    assert recipe.with_changes(training={"beta": 0.3}).sha256 == recipe.sha256
+    with pytest.raises(RecipeError, match="unknown key 'training.bta'"):
+        recipe.with_changes(training={"bta": 0.05})
+    with pytest.raises(RecipeError, match="must be a number"):
+        recipe.with_changes(training={"beta": "high"})
+
+
+def test_recipe_values_cannot_be_changed_through_the_returned_sections():
+    recipe = load_recipe("sft", "tiny")
+    recipe.training["learning_rate"] = 1.0
+    assert recipe.training["learning_rate"] == load_recipe("sft", "tiny").training["learning_rate"]
+
+
+def test_course_recipes_points_every_loader_at_another_folder(tmp_path, monkeypatch):
+    shutil.copytree(recipes.RECIPES_DIR, tmp_path / "recipes")
+    path = tmp_path / "recipes" / "tiny" / "sft.yaml"
+    path.write_text(path.read_text().replace("max_steps: 150", "max_steps: 7"))
+    monkeypatch.setenv(recipes.RECIPES_VARIABLE, str(tmp_path / "recipes"))
+    assert load_recipe("sft", "tiny").training["max_steps"] == 7
+
+
+def test_sft_script_applies_overrides_and_prints_the_effective_recipe(capsys):
+    import importlib.util
+
+    from course_utils.paths import REPO_ROOT
+    from course_utils.profiles import tiny_profile
+
+    spec = importlib.util.spec_from_file_location("sft_script", REPO_ROOT / "scripts" / "sft.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--output-dir", "x", "--set", "training.max_steps=3",
+                              "--set", "lora.target_modules=[q_proj, v_proj]"])
+    recipe = script.resolve_recipe(args, tiny_profile())
+    assert recipe.training["max_steps"] == 3 and recipe.lora["target_modules"] == ["q_proj", "v_proj"]
+    assert recipe.training["learning_rate"] == load_recipe("sft", "tiny").training["learning_rate"]
+    with pytest.raises(RecipeError, match="unknown key 'training.stpes'"):
+        script.resolve_recipe(script.parse_args(["--output-dir", "x", "--set",
+                                                 "training.stpes=3"]), tiny_profile())
+    with pytest.raises(RecipeError, match="pass --profile colab"):
+        script.resolve_recipe(script.parse_args(["--output-dir", "x", "--recipe", "colab"]),
+                              tiny_profile())
