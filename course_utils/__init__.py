@@ -3,6 +3,9 @@
 Modules, each named for what it holds:
 
 - ``profiles``: the ``tiny`` (CPU, course model) and ``colab`` (T4, TinyLlama) profiles.
+- ``recipes``: every training and evaluation setting, read from ``configs/recipes/``.
+- ``stages``: saved stage models with the record of what built them, reused only while it
+  matches; ``ensure_stage`` rebuilds a missing or stale one from its recipe.
 - ``world``: the synthetic world and every data set drawn from it (``python -m course_utils.world``).
 - ``build_course_model``: the tokenizer and the small Llama pretrained on the world's corpus.
 - ``models``: load a profile's model and tokenizer, optionally in 4-bit NF4.

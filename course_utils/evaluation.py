@@ -23,7 +23,7 @@ from course_utils.world import ATTRIBUTE_VALUES, ATTRIBUTES, Character
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24,
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
                     batch_size: int = 64) -> list[tuple[str, bool]]:
     """Greedy continuations of ``prompts`` as ``(text, stopped_at_eos)`` pairs.
 
@@ -108,10 +108,16 @@ def is_chat_format_answer(reply: str, stopped_at_eos: bool, name: str, attribute
     return mentions_value(text, name) and any(mentions_value(text, v) for v in values)
 
 
-def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int = 24
+def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int | None = None
                  ) -> list[ProbeResult]:
     """Ask each question (rows with ``character``, ``attribute``, ``question``, ``answer``) in the
-    chat format and judge each reply for format (``chat_format``) and content (``correct``)."""
+    chat format and judge each reply for format (``chat_format``) and content (``correct``).
+    Replies are cut at ``max_new_tokens``, by default the evaluation recipe's (``chat``
+    section): every lesson asks the world's questions the same way."""
+    if max_new_tokens is None:
+        from course_utils.recipes import load_recipe
+
+        max_new_tokens = load_recipe("evaluation", "tiny").chat["max_new_tokens"]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q["question"]}],
                                              tokenize=False, add_generation_prompt=True)
                for q in questions]

@@ -26,14 +26,20 @@ from course_utils.training import pad_batch, train_sft
 
 METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora", "ia3")
 
-#: Learning rates per method: methods with few parameters need larger steps (the papers use
-#: 3e-1 for prompt tuning, 1e-2 for prefix tuning, 1e-4 to 1e-3 for LoRA on large models).
-LEARNING_RATES = {"full": 1e-3, "houlsby": 3e-3, "prompt_tuning": 3e-2, "p_tuning": 3e-3,
-                  "prefix_tuning": 1e-2, "lora": 3e-3, "dora": 3e-3, "ia3": 3e-2}
 
 
-def peft_config(name: str, config):
-    """The peft config of a method, sized for the model ``config`` describes."""
+def methods_recipe():
+    """Lessons 02-05's settings: ``configs/recipes/tiny/peft_methods.yaml`` (steps, batch size, a
+    learning rate per method, each method's config). These lessons use the course model on every
+    profile, hence always the ``tiny`` recipe."""
+    from course_utils.recipes import load_recipe
+
+    return load_recipe("peft_methods", "tiny")
+
+
+def peft_config(name: str, config, recipe=None):
+    """The peft config of a method (its settings from the recipe), sized for the model ``config``
+    describes."""
     from peft import (
         IA3Config,
         LoraConfig,
@@ -43,25 +49,23 @@ def peft_config(name: str, config):
         TaskType,
     )
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    settings = (recipe or methods_recipe()).methods.get(name)
     if name == "prompt_tuning":
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=16)
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, **settings)
     if name == "p_tuning":
-        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=16,
-                                   encoder_hidden_size=config.hidden_size,
-                                   encoder_reparameterization_type="MLP")
+        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM,
+                                   encoder_hidden_size=config.hidden_size, **settings)
     if name == "prefix_tuning":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=16,
-                                  prefix_projection=True, encoder_hidden_size=config.hidden_size)
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                  encoder_hidden_size=config.hidden_size, **settings)
     if name in ("lora", "dora"):
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.05,
-                          target_modules=targets, use_dora=name == "dora")
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, **settings)
     if name == "ia3":
-        return IA3Config(task_type=TaskType.CAUSAL_LM)
+        return IA3Config(task_type=TaskType.CAUSAL_LM, **settings)
     raise ValueError(f"no peft config for {name!r}; methods: {', '.join(METHODS)}")
 
 
-def make_method(name: str, base_model, seed: int = 0):
+def make_method(name: str, base_model, seed: int | None = None, recipe=None):
     """A fresh copy of ``base_model`` set up for method ``name`` (only its parameters train).
 
     Gradient checkpointing stays off: prefix tuning cannot run with it (peft raises "PREFIX_TUNING
@@ -72,7 +76,8 @@ def make_method(name: str, base_model, seed: int = 0):
 
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    torch.manual_seed(seed)
+    recipe = recipe or methods_recipe()
+    torch.manual_seed(recipe.seed if seed is None else seed)
     model = copy.deepcopy(base_model)
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
@@ -81,16 +86,13 @@ def make_method(name: str, base_model, seed: int = 0):
             parameter.requires_grad_(True)
         return model
     if name == "houlsby":
-        add_houlsby_adapters(model, bottleneck=HOULSBY_BOTTLENECK)
+        add_houlsby_adapters(model, **recipe.methods["houlsby"])
         return model
-    return get_peft_model(model, peft_config(name, model.config))
+    return get_peft_model(model, peft_config(name, model.config, recipe))
 
 
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-HOULSBY_BOTTLENECK = 16
 
 
 @torch.no_grad()
@@ -111,7 +113,7 @@ def save_and_reload(model, base_model, name: str) -> tuple[int, float]:
                      if p.requires_grad}
             save_file(state, str(Path(folder) / "adapters.safetensors"))
             loaded = copy.deepcopy(base_model)
-            add_houlsby_adapters(loaded, bottleneck=HOULSBY_BOTTLENECK)
+            add_houlsby_adapters(loaded, **methods_recipe().methods["houlsby"])
             missing = loaded.load_state_dict(load_file(str(Path(folder) / "adapters.safetensors")),
                                              strict=False).unexpected_keys
             if missing:
@@ -172,12 +174,15 @@ class MethodResult:
 
 
 def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questions,
-               steps: int = 80, batch_size: int = 16, seed: int = 0,
-               learning_rate: float | None = None) -> tuple[object, MethodResult]:
-    """Build, train and measure one method; return the trained model and its row."""
-    model = make_method(name, base_model, seed)
+               recipe=None, steps: int | None = None) -> tuple[object, MethodResult]:
+    """Build, train and measure one method with the recipe's settings (``steps`` replaces the
+    recipe's step count, as lesson 04's sweeps do); return the trained model and its row."""
+    recipe = recipe or methods_recipe()
+    steps = recipe.training["steps"] if steps is None else steps
+    batch_size, seed = recipe.training["batch_size"], recipe.seed
+    model = make_method(name, base_model, seed, recipe)
     n_base = sum(p.numel() for p in base_model.parameters())
-    lr = LEARNING_RATES[name] if learning_rate is None else learning_rate
+    lr = recipe.learning_rates[name]
     mem = training_bytes(model, tokenizer, train_chats, batch_size)
     start = time.perf_counter()
     train_sft(model, tokenizer, train_chats, steps=steps, batch_size=batch_size,

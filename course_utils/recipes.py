@@ -28,7 +28,7 @@ from course_utils.paths import REPO_ROOT
 RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 #: Another folder of recipes (same layout) replaces ``configs/recipes``; tests use a temporary one.
 RECIPES_VARIABLE = "COURSE_RECIPES"
-STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation")
+STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation", "peft_methods", "tour")
 PRECISIONS = ("float32", "float16", "bfloat16", "auto")
 
 
@@ -38,7 +38,8 @@ class RecipeError(ValueError):
 
 # --- the schema: section -> key -> (expected type, required) -----------------------------------
 # Types: int, float (an int is accepted), bool, str, "str|list" (a module list or "all-linear"),
-# "list" (of strings). A section given as None in SECTIONS may be null in the file.
+# "list" (of strings), "dict" (a method's settings: keyword arguments of its config class).
+# Sections named in NULLABLE may be null in the file.
 
 _REQ, _OPT = True, False
 _COMMON_TRAINER = {
@@ -60,6 +61,11 @@ _PPO = {name: (kind, _REQ) for name, kind in {
     "max_new_tokens": int, "temperature": float, "whiten_advantages": bool,
     "max_grad_norm": float}.items()}
 
+_PEFT_METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora",
+                 "ia3")
+_PEFT_METHOD_SETTINGS = ("houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora",
+                         "ia3")
+
 SCHEMA: dict[str, dict[str, dict | None]] = {
     "sft": {"training": {**_COMMON_TRAINER, "max_length": (int, _REQ), "packing": (bool, _REQ),
                          "completion_only_loss": (bool, _REQ)},
@@ -73,6 +79,12 @@ SCHEMA: dict[str, dict[str, dict | None]] = {
     "dpo": {"training": {**_COMMON_TRAINER, "beta": (float, _REQ), "max_length": (int, _REQ),
                          "loss_type": ("list", _OPT)},
             "lora": _LORA, "quantization": _QUANTIZATION},
+    "tour": {"training": {"steps": (int, _REQ), "batch_size": (int, _REQ),
+                          "learning_rate": (float, _REQ)}},
+    "peft_methods": {
+        "training": {"steps": (int, _REQ), "sweep_steps": (int, _REQ), "batch_size": (int, _REQ)},
+        "learning_rates": {method: (float, _REQ) for method in _PEFT_METHODS},
+        "methods": {method: ("dict", _REQ) for method in _PEFT_METHOD_SETTINGS}},
     "evaluation": {
         "chat": {"eval_examples": (int, _REQ), "max_new_tokens": (int, _REQ)},
         "policy": {"max_new_tokens": (int, _REQ), "samples_per_prompt": (int, _REQ),
@@ -88,7 +100,8 @@ TRAINING_TOP_LEVEL = {"precision": str, "seed": int}
 
 def _type_name(kind) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            "str|list": "a string or a list of strings", "list": "a list of strings"}[kind]
+            "str|list": "a string or a list of strings", "list": "a list of strings",
+            "dict": "a mapping of setting names to values"}[kind]
 
 
 def _matches(value, kind) -> bool:
@@ -100,6 +113,8 @@ def _matches(value, kind) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is str:
         return isinstance(value, str)
+    if kind == "dict":
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     is_list = isinstance(value, list) and all(isinstance(v, str) for v in value)
     return is_list or (kind == "str|list" and isinstance(value, str))
 

@@ -28,8 +28,8 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_token_id: int) ->
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def train_sft(model, tokenizer, chats: list[dict], steps: int = 150, batch_size: int = 16,
-              learning_rate: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
+def train_sft(model, tokenizer, chats: list[dict], *, steps: int, batch_size: int,
+              learning_rate: float, seed: int, progress: bool = True) -> list[float]:
     """Train ``model``'s trainable parameters on ``chats`` (rows with ``messages``); return losses.
 
     Every weight for a plain model (full fine-tuning); only the adapter for a peft model or one

@@ -102,6 +102,7 @@ def test_sft_extracts_knowledge_of_characters_never_seen_in_sft(course_model_and
     the others answerable. Held-out characters' facts are in no SFT chat (test_world checks)."""
     import copy
 
+    from course_utils.recipes import load_recipe
     from course_utils.training import train_sft
 
     model, tokenizer = course_model_and_tokenizer
@@ -109,7 +110,8 @@ def test_sft_extracts_knowledge_of_characters_never_seen_in_sft(course_model_and
     with (WORLD_DIR / "sft_train.jsonl").open() as file:
         chats = [json.loads(line) for line in file]
     sft_model = copy.deepcopy(model)
-    losses = train_sft(sft_model, tokenizer, chats, steps=150, seed=0, progress=False)
+    tour = load_recipe("tour", "tiny")  # lesson 00's demonstration, as the lesson runs it
+    losses = train_sft(sft_model, tokenizer, chats, **tour.training, seed=tour.seed, progress=False)
     after = evaluation.chat_answers(sft_model, tokenizer, questions)
     assert losses[-1] < 0.2 * losses[0]
     assert evaluation.accuracy(after, "chat_format") >= 0.9

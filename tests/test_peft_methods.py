@@ -29,12 +29,14 @@ def setup():
 def expected_trainable(name, config):
     layers, hidden = config.num_hidden_layers, config.hidden_size
     kv = memory.linear_shapes(config)["k_proj"][1]
+    methods = peft_methods.methods_recipe().methods
     return {
         "full": memory.count_parameters(config),
         "houlsby": 2 * layers * peft_scratch.adapter_parameters(
-            hidden, peft_methods.HOULSBY_BOTTLENECK),
-        "prompt_tuning": 16 * hidden,
-        "lora": memory.lora_parameters(config, 8, memory.LORA_TARGETS),
+            hidden, methods["houlsby"]["bottleneck"]),
+        "prompt_tuning": methods["prompt_tuning"]["num_virtual_tokens"] * hidden,
+        "lora": memory.lora_parameters(config, methods["lora"]["r"],
+                                       methods["lora"]["target_modules"]),
         "ia3": layers * (2 * kv + config.intermediate_size),
     }.get(name)
 
@@ -43,8 +45,8 @@ def expected_trainable(name, config):
 def test_method_trains_its_parameters_and_reloads_exactly(setup, name):
     base, tokenizer, chats, questions = setup
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model, row = peft_methods.run_method(name, base, tokenizer, chats, chats[:8], questions,
-                                         steps=3, batch_size=8)
+    quick = peft_methods.methods_recipe().with_changes(training={"steps": 3, "batch_size": 8})
+    model, row = peft_methods.run_method(name, base, tokenizer, chats, chats[:8], questions, quick)
     assert row.reload_max_abs_error < 1e-5
     expected = expected_trainable(name, base.config)
     if expected is not None:

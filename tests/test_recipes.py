@@ -4,6 +4,8 @@ stops with an error that names the file, the key and what was expected."""
 from __future__ import annotations
 
 import inspect
+import json
+import re
 import shutil
 
 import pytest
@@ -26,8 +28,12 @@ def library_class(stage: str):
             "dpo": trl.DPOConfig, "ppo": rlhf.PPOConfig}[stage]
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("stage", recipes.STAGES)
+# lessons 00 and 02-05 train the course model on every profile: their recipes exist for tiny only
+SHIPPED = [(stage, profile) for stage in recipes.STAGES for profile in PROFILES
+           if profile == "tiny" or stage not in ("peft_methods", "tour")]
+
+
+@pytest.mark.parametrize("stage, profile", SHIPPED)
 def test_every_stage_has_a_valid_recipe_per_profile(stage, profile):
     recipe = load_recipe(stage, profile)
     assert recipe.stage == stage and recipe.profile == profile
@@ -122,6 +128,8 @@ def test_invalid_yaml_and_a_missing_file_are_clear_errors(tmp_path):
         load_recipe("dpo", "tiny", path=path)
     with pytest.raises(RecipeError, match="no recipe file at"):
         load_recipe("dpo", "tiny", path=tmp_path / "absent.yaml")
+    with pytest.raises(RecipeError, match="no recipe file at .*colab/peft_methods.yaml"):
+        load_recipe("peft_methods", "colab")
     with pytest.raises(RecipeError, match="unknown stage 'ppo2'"):
         load_recipe("ppo2", "tiny")
 
@@ -180,3 +188,66 @@ def test_sft_script_applies_overrides_and_prints_the_effective_recipe(capsys):
     with pytest.raises(RecipeError, match="pass --profile colab"):
         script.resolve_recipe(script.parse_args(["--output-dir", "x", "--recipe", "colab"]),
                               tiny_profile())
+
+
+# --- no training setting typed outside configs/recipes -------------------------------------------
+
+SETTING = re.compile(
+    r"\b(learning_rate|lr|max_steps|steps|num_train_epochs|per_device_train_batch_size|batch_size|"
+    r"gradient_accumulation_steps|warmup_steps|beta|kl_coef|lora_alpha|lora_dropout|r|alpha|"
+    r"num_virtual_tokens|max_new_tokens|max_length|max_completion_length|num_generations|epochs)"
+    r"\s*[:=]\s*(int\s*=\s*|float\s*=\s*)?[0-9.]")
+
+#: Lines that set such a number and train nothing, by file; the comment says why.
+NOT_TRAINING = {
+    # the memory model's defaults (the QLoRA paper's r=64) and optimizers built to measure bytes
+    "01_full_finetuning_memory.ipynb": [
+        "def qlora_memory(config, r=64, batch_size=1, seq_len=512):",
+        "def method_memory(config, method, r=16, batch_size=1, seq_len=512):",
+        "lambda p: torch.optim.AdamW(p, lr=1e-4)", "lambda p: bnb.optim.AdamW8bit(p, lr=1e-4)",
+        "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)"],
+    # parameter counting
+    "02_peft_and_adapters.ipynb": ['f"LoRA r=8: {lora_gb:.1f} GB',
+                                   '"LoRA r=8, all projections": LoraConfig(r=8'],
+    "03_prompt_prefix_ptuning.ipynb": ["get_prompt(batch_size=2)"],  # two example inputs
+    # one layer, ours against peft; the sweep's named variants
+    "04_lora.ipynb": ["LoRALinear(copy.deepcopy(layer), r=8, alpha=16)",
+                      'LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"])',
+                      "rank (alpha = 2r)", '"LoRA r=8": rank_sweep[8]', '"DoRA r=4": lora_run(4',
+                      '"rslora_r8_accuracy"', '"dora_r4_accuracy"'],
+    # memory figures
+    "06_nf4_quantization.ipynb": ["memory.lora_parameters(config, r=64",
+                                  "QLoRA r=64 on all projections",
+                                  "PagedAdamW32bit(layer.parameters(), lr=1e-4)"],
+    "07_qlora_sft.ipynb": ['trl.DPOTrainer(model="unused", beta=0.1)'],  # an old call failing
+    "08_reward_modeling.ipynb": ["bins=30, alpha=0.6"],  # plot transparency
+    "09_ppo_rlhf.ipynb": ['color="gray", alpha=0.15'],
+    # the derivation, checked numerically on one prompt
+    "10_dpo.ipynb": ["beta = 0.1  # for this check only", "torch.optim.Adam([theta], lr=0.05)"],
+    "peft_scratch.py": ["r: int = 8, alpha: float = 16"],  # LoRALinear's defaults, as peft's
+    # lesson 00's fact probe, a significance level, inference batches
+    "evaluation.py": ["max_new_tokens: int = 8", "alpha: float = 0.05",
+                      "batch_size: int = 64)", "batch_size: int = 32)"],
+    # inference batches; an optimizer built only to count its state
+    "peft_methods.py": ["batch_size: int = 32)", "if p.requires_grad], lr=0.0)"],
+    "rlhf.py": ["batch_size: int = 64)", "batch_size: int = 32"],  # scoring batches
+    "rl_primer.py": ["max_steps: int = 50", "state, steps = 0, []"],  # lesson 09's toy corridor
+    "recipes.py": ['"training.learning_rate=1e-3"'],  # a docstring
+}
+
+
+def test_no_training_setting_is_typed_outside_the_recipes():
+    """The lessons' code cells and the package set no training number themselves; the exceptions
+    above train nothing. (``build_course_model`` holds the build recipe of the shipped model.)"""
+    from course_utils.paths import NOTEBOOKS_DIR, REPO_ROOT
+
+    sources = {path.name: "\n".join("".join(cell["source"]) for cell in
+                                    json.loads(path.read_text())["cells"]
+                                    if cell["cell_type"] == "code")
+               for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb"))}
+    sources.update({path.name: path.read_text() for path in sorted(
+        (REPO_ROOT / "course_utils").glob("*.py")) if path.name != "build_course_model.py"})
+    typed = [f"{name}: {line.strip()}" for name, text in sources.items()
+             for line in text.splitlines() if SETTING.search(line) and "!r:" not in line
+             and not any(allowed in line for allowed in NOT_TRAINING.get(name, []))]
+    assert not typed, "training settings typed outside configs/recipes:\n" + "\n".join(typed)
