@@ -52,7 +52,7 @@ class StageSpec:
 STAGES = {
     "sft": StageSpec("sft", "07_qlora_sft", (), "sft", 1.0),
     "reward": StageSpec("reward", "08_reward_modeling", ("sft",), "preferences", 1.0),
-    "ppo": StageSpec("ppo", "09_ppo_rlhf", ("sft", "reward"), "preferences", 2.5),
+    "ppo": StageSpec("ppo", "09_ppo_rlhf", ("sft", "reward"), "preferences", 1.0),
     "dpo": StageSpec("dpo", "10_dpo", ("sft",), "preferences", 1.0),
 }
 
@@ -163,7 +163,8 @@ def estimated_minutes(stage: str, profile) -> str:
     return "several minutes on a GPU"
 
 
-def ensure_stage(stage: str, profile, rebuild: bool | None = None, verbose: bool = True) -> Path:
+def ensure_stage(stage: str, profile, rebuild: bool | None = None, verbose: bool = True,
+                 announce_reuse: bool = True) -> Path:
     """The folder of ``stage``'s model, built with its recipe now if it is missing or stale.
 
     Parents are ensured first (a stale SFT model makes every later stage stale). With
@@ -171,12 +172,12 @@ def ensure_stage(stage: str, profile, rebuild: bool | None = None, verbose: bool
     raises ``StaleStageError`` naming the lesson that builds it.
     """
     spec = STAGES[stage]
-    for parent in spec.parents:
-        ensure_stage(parent, profile, rebuild, verbose)
+    for parent in spec.parents:  # a parent is named only when it has to be rebuilt
+        ensure_stage(parent, profile, rebuild, verbose, announce_reuse=False)
     reason = why_stale(stage, profile)
     folder = stage_dir(stage)
     if reason is None:
-        if verbose:
+        if verbose and announce_reuse:
             print(f"[course] using the {stage} model of lesson {spec.lesson[:2]} from {folder}: "
                   f"built from {load_recipe(stage, profile).label}")
         return folder
