@@ -498,7 +498,8 @@ def graded_class(tmp_path_factory):
         folder.mkdir(parents=True)
         (folder / f"{exercise}.ipynb").write_text(json.dumps(notebook))
     report = root.parent / "grades.json"
-    status = grade.main([str(root), "--json", str(report), "--timeout", "20", "--seed", "7"])
+    status = grade.main([str(root), "--json", str(report), "--timeout", "20", "--seed", "7",
+                         "--jobs", "2"])
     return status, json.loads(report.read_text())
 
 
