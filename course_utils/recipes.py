@@ -276,7 +276,7 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
     return Recipe(stage, profile_name, path.resolve(), values)
 
 
-def parse_assignment(recipe: Recipe, assignment: str) -> dict:
+def parse_assignment(assignment: str) -> dict:
     """``"training.learning_rate=1e-3"`` -> ``{"training": {"learning_rate": 0.001}}``, the value
     parsed as YAML (so ``true``, ``16`` and ``[q_proj, v_proj]`` work)."""
     import yaml

@@ -64,7 +64,7 @@ def resolve_recipe(args, profile):
     else:
         recipe = recipes.load_recipe("sft", profile, path=source)
     for assignment in args.changes:
-        recipe = recipe.with_changes(**recipes.parse_assignment(recipe, assignment))
+        recipe = recipe.with_changes(**recipes.parse_assignment(assignment))
     return recipe
 
 
