@@ -112,3 +112,14 @@ def padding_side(tokenizer, side: str):
         yield tokenizer
     finally:
         tokenizer.padding_side = previous
+
+
+@contextmanager
+def truncation_side(tokenizer, side: str):
+    """Truncate on ``side`` ("left" keeps a prompt's end, where the question is) inside the block."""
+    previous = tokenizer.truncation_side
+    tokenizer.truncation_side = side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.truncation_side = previous

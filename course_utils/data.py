@@ -23,6 +23,7 @@ from course_utils.profiles import Profile
 ULTRACHAT_ID = "HuggingFaceH4/ultrachat_200k"
 ORCA_DPO_ID = "argilla/distilabel-intel-orca-dpo-pairs"
 ULTRACHAT_SAMPLE = SAMPLES_DIR / "ultrachat_200k_test_sft.jsonl"
+MMLU_ID = "cais/mmlu"
 ORCA_DPO_SAMPLE = SAMPLES_DIR / "distilabel_intel_orca_dpo_pairs_train.jsonl"
 ROLES = ("system", "user", "assistant")
 
@@ -31,17 +32,42 @@ class DataFormatError(ValueError):
     """A data row that does not have the schema a lesson expects."""
 
 
+#: the parquet files of one split in each Hub data set: without ``data_files``, ``load_dataset``
+#: downloads every split (UltraChat's four are 1.6 GB; lesson 07 needs 3,000 rows of one)
+HUB_SPLIT_FILES = {
+    ULTRACHAT_ID: "data/{split}-*.parquet",
+    ORCA_DPO_ID: "data/{split}-*.parquet",
+    MMLU_ID: "all/{split}-*.parquet",
+}
+
+
 def _load(path_or_id: str | Path, split: str):
-    """A ``datasets.Dataset`` from a local JSON-lines file or a Hub id."""
+    """A ``datasets.Dataset`` from a local JSON-lines file, or one split of a Hub data set (only
+    that split's files are downloaded)."""
     from datasets import load_dataset
 
     path = Path(str(path_or_id))
     if path.suffix in (".jsonl", ".json"):
         if not path.exists():
             raise FileNotFoundError(f"no data file at {path}; regenerate the world with "
-                                    "`python -m course_utils.world` or check your checkout")
+                                    "`python -m course_utils.world` (the rehearsal rows with "
+                                    "`python -m course_utils.rehearsal`) or check your checkout")
         return load_dataset("json", data_files=str(path), split="train")
-    return load_dataset(str(path_or_id), split=split)
+    pattern = HUB_SPLIT_FILES.get(str(path_or_id))
+    if pattern is None:
+        return load_dataset(str(path_or_id), split=split)
+    return load_dataset(str(path_or_id), data_files={split: pattern.format(split=split)},
+                        split=split)
+
+
+def hub_source(profile: Profile, kind: str, hub_id: str) -> str | Path:
+    """Where a Hub loader reads for ``profile``: the Hub id, or the rehearsal's shipped rows in
+    the same schema (``kind``: a key of ``course_utils.rehearsal.FILES``)."""
+    if profile.hub_data_dir is None:
+        return hub_id
+    from course_utils.rehearsal import FILES
+
+    return Path(profile.hub_data_dir) / FILES[kind]
 
 
 def validate_messages(messages, where: str = "row") -> None:
@@ -87,7 +113,8 @@ def load_sft_dataset(profile: Profile, split: str = "train"):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if profile.data_source == "hub":
-        return load_ultrachat(split="test_sft" if split == "train" else "test_gen",
+        hub_split = "test_sft" if split == "train" else "test_gen"
+        return load_ultrachat(hub_source(profile, f"sft_{split}", ULTRACHAT_ID), split=hub_split,
                               n_rows=3000 if split == "train" else 200, seed=profile.seed)
     dataset = _load(WORLD_DIR / f"sft_{split}.jsonl", "train")
     validate_sft_rows(dataset)
@@ -131,12 +158,12 @@ def load_preference_dataset(profile: Profile, split: str = "train"):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if profile.data_source == "hub":
-        parts = load_orca_dpo_pairs().train_test_split(test_size=0.1, seed=profile.seed)
+        parts = load_orca_dpo_pairs(hub_source(profile, "preferences", ORCA_DPO_ID)
+                                    ).train_test_split(test_size=0.1, seed=profile.seed)
         return parts[split]
     return _load(WORLD_DIR / f"preferences_{split}.jsonl", "train")
 
 
-MMLU_ID = "cais/mmlu"
 MMLU_SAMPLE = SAMPLES_DIR / "mmlu_all_test.jsonl"
 
 
@@ -159,9 +186,7 @@ def load_mmlu_subset(n_rows: int = 200, path_or_id: str | Path = MMLU_ID, seed: 
     if path.suffix == ".jsonl":
         dataset = _load(path, "train")
     else:
-        from datasets import load_dataset
-
-        dataset = load_dataset(str(path_or_id), "all", split="test")
+        dataset = _load(path_or_id, "test")
     dataset = dataset.shuffle(seed=seed).select(range(min(n_rows, len(dataset))))
     return [mmlu_row(row, i) for i, row in enumerate(dataset)]
 
@@ -174,6 +199,11 @@ def fingerprint(profile: Profile, kind: str) -> str:
 
     if kind not in ("sft", "preferences"):
         raise ValueError(f"kind must be 'sft' or 'preferences', got {kind!r}")
+    if profile.hub_data_dir is not None:
+        from course_utils.rehearsal import FILES
+
+        path = Path(profile.hub_data_dir) / FILES["sft_train" if kind == "sft" else kind]
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     if profile.data_source == "hub":
         if kind == "sft":
             return f"hub:{ULTRACHAT_ID}:test_sft:3000 rows shuffled with seed {profile.seed}"

@@ -18,25 +18,29 @@ from dataclasses import dataclass
 
 import torch
 
-from course_utils.chat import EOS_TOKEN, padding_side
+from course_utils.chat import EOS_TOKEN, padding_side, truncation_side
 from course_utils.world import ATTRIBUTE_VALUES, ATTRIBUTES, Character
 
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                    batch_size: int = 64) -> list[tuple[str, bool]]:
+                    batch_size: int = 64, max_prompt_length: int | None = None
+                    ) -> list[tuple[str, bool]]:
     """Greedy continuations of ``prompts`` as ``(text, stopped_at_eos)`` pairs.
 
     Prompts are encoded with the tokenizer's own special tokens (``<s>`` first), left-padded so
-    a batch ends aligned; continuations are cut at (not including) the first ``</s>``.
+    a batch ends aligned, and (with ``max_prompt_length``) cut to their last that many tokens, so
+    a long multi-turn chat still fits the model's positions; continuations are cut at (not
+    including) the first ``</s>``.
     """
     model.eval()
     device = next(model.parameters()).device
     results = []
-    with padding_side(tokenizer, "left"):
+    truncation = {"truncation": True, "max_length": max_prompt_length} if max_prompt_length else {}
+    with padding_side(tokenizer, "left"), truncation_side(tokenizer, "left"):
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt",
-                              padding=True).to(device)
+                              padding=True, **truncation).to(device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id)

@@ -130,16 +130,26 @@ def save_and_reload(model, base_model, name: str) -> tuple[int, float]:
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, chats: list[dict], batch_size: int = 32) -> float:
-    """Mean cross-entropy on the assistant tokens of ``chats`` (token-weighted)."""
+@torch.no_grad()
+def heldout_loss(model, tokenizer, chats: list[dict], *, batch_size: int, max_length: int) -> float:
+    """Mean cross-entropy on the assistant tokens of ``chats`` (token-weighted), each chat cut to
+    its first ``max_length`` tokens as training cuts it, ``batch_size`` chats per forward pass on
+    the model's device (the evaluation recipe's ``chat`` section sets both)."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
-    examples = [assistant_only_labels(tokenizer, chat["messages"]) for chat in chats]
+    examples = [tuple(part[:max_length] for part in assistant_only_labels(tokenizer, chat["messages"]))
+                for chat in chats]
     for start in range(0, len(examples), batch_size):
         batch = pad_batch(examples[start:start + batch_size], tokenizer.pad_token_id)
         n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        if n_tokens == 0:  # every reply cut off by max_length
+            continue
+        batch = {key: value.to(device) for key, value in batch.items()}
         total += model(**batch).loss.item() * n_tokens
         count += n_tokens
+    if count == 0:
+        raise ValueError(f"no reply token within the first {max_length} tokens of any chat")
     return total / count
 
 
@@ -194,7 +204,9 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
         method=name, trainable_parameters=trainable_parameters(model),
         percent_of_model=100 * trainable_parameters(model) / n_base,
         saved_bytes=saved_bytes, reload_max_abs_error=reload_error, seconds_per_step=seconds,
-        training_bytes=mem, heldout_loss=heldout_loss(model, tokenizer, test_chats),
+        training_bytes=mem, heldout_loss=heldout_loss(
+            model, tokenizer, test_chats, batch_size=32,
+            max_length=model.config.max_position_embeddings),
         chat_format_rate=evaluation.accuracy(answers, "chat_format"),
         heldout_accuracy=evaluation.accuracy(answers))
     return model, result

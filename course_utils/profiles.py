@@ -10,6 +10,9 @@ how each stage trains (steps, batch sizes, learning rates, ...) is its recipe,
 - ``colab``: ``TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T`` from the Hub, UltraChat and
   Orca DPO pairs, 4-bit NF4 weights with fp16 compute on a T4 (bf16 on GPUs that support it),
   sized for a 15 GB T4. Needs CUDA and the network.
+- ``rehearsal``: the ``colab`` path on the CPU: its recipes (steps and evaluation sizes capped),
+  the Hub loaders reading shipped rows in the Hub schemas, and a random stand-in with TinyLlama's
+  architecture (``course_utils.rehearsal``). What ``make test`` runs to test the T4 path.
 - ``auto``: ``colab`` when CUDA is available, ``tiny`` otherwise; prints one banner saying which
   and why.
 
@@ -25,7 +28,7 @@ import torch
 
 from course_utils.paths import COURSE_MODEL_DIR
 
-PROFILE_NAMES = ("tiny", "colab", "auto")
+PROFILE_NAMES = ("tiny", "colab", "rehearsal", "auto")
 ENV_VAR = "COURSE_PROFILE"
 TINYLLAMA_BASE = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
 
@@ -50,6 +53,15 @@ class Profile:
     load_in_4bit: bool
     data_source: str  # "world" (data/world) or "hub" (UltraChat, Orca DPO pairs)
     seed: int = 42    # the data's shuffles and splits (training seeds live in the recipes)
+    #: the recipes' folder name: the rehearsal uses colab's (with its counts capped)
+    recipes: str = ""
+    #: where the Hub loaders read: ``None`` is the Hub itself, else a folder of shipped rows in
+    #: the Hub schemas (``course_utils.rehearsal.FILES``)
+    hub_data_dir: str | None = None
+
+    @property
+    def recipe_profile(self) -> str:
+        return self.recipes or self.name
 
     @property
     def dtype_name(self) -> str:
@@ -94,6 +106,15 @@ def colab_profile() -> Profile:
         compute_dtype=cuda_compute_dtype(), load_in_4bit=True, data_source="hub")
 
 
+def rehearsal_profile() -> Profile:
+    from course_utils import rehearsal
+
+    return Profile(
+        name="rehearsal", model_name_or_path=str(rehearsal.build_standin()), device="cpu",
+        compute_dtype=torch.float32, load_in_4bit=True, data_source="hub", recipes="colab",
+        hub_data_dir=str(rehearsal.REHEARSAL_DATA_DIR))
+
+
 def get_profile(name: str = "auto", verbose: bool = True) -> Profile:
     """Resolve a profile name (``tiny``, ``colab`` or ``auto``) into a ``Profile``.
 
@@ -123,7 +144,7 @@ def get_profile(name: str = "auto", verbose: bool = True) -> Profile:
                   f"To choose, set PROFILE = 'tiny' or 'colab' in the parameters cell, "
                   f"or {ENV_VAR}=tiny in the environment.")
         return profile
-    profile = tiny_profile() if key == "tiny" else colab_profile()
+    profile = {"tiny": tiny_profile, "colab": colab_profile, "rehearsal": rehearsal_profile}[key]()
     if verbose:
         via = f" (from {ENV_VAR})" if override else ""
         print(f"[course] profile '{profile.name}'{via}: {profile.model_name_or_path} on "

@@ -86,9 +86,11 @@ SCHEMA: dict[str, dict[str, dict | None]] = {
         "learning_rates": {method: (float, _REQ) for method in _PEFT_METHODS},
         "methods": {method: ("dict", _REQ) for method in _PEFT_METHOD_SETTINGS}},
     "evaluation": {
-        "chat": {"eval_examples": (int, _REQ), "max_new_tokens": (int, _REQ)},
+        "chat": {"eval_examples": (int, _REQ), "max_new_tokens": (int, _REQ),
+                 "batch_size": (int, _REQ), "max_length": (int, _REQ)},
         "policy": {"max_new_tokens": (int, _REQ), "samples_per_prompt": (int, _REQ),
-                   "seed": (int, _REQ)},
+                   "seed": (int, _REQ), "batch_size": (int, _REQ),
+                   "max_prompt_length": (int, _REQ), "max_prompts": (int, _REQ)},
         "benchmark": {"mc_examples": (int, _REQ), "letter_max_new_tokens": (int, _REQ)}},
 }
 #: Sections that may be ``null`` (e.g. no LoRA: full fine-tuning; no quantization).
@@ -182,6 +184,8 @@ class Recipe:
     path: Path
     values: dict
     changes: dict = field(default_factory=dict)
+    #: the rehearsal's lowered counts (``rehearsal_caps``): part of the recipe as run, not a change
+    caps: dict = field(default_factory=dict)
 
     def __getattr__(self, name):  # recipe.training, recipe.lora, recipe.seed, ...
         values = self.__dict__.get("values", {})
@@ -198,6 +202,9 @@ class Recipe:
     def label(self) -> str:
         where = f"{self.path.relative_to(REPO_ROOT)}" if self.path.is_relative_to(REPO_ROOT) \
             else str(self.path)
+        if self.caps:
+            capped = ", ".join(f"{s}.{k}={v!r}" for s, kv in self.caps.items() for k, v in kv.items())
+            where = f"{where} (rehearsal caps: {capped})"
         if not self.changes:
             return where
         changed = ", ".join(f"{k}={v!r}" for k, v in self.flat_changes().items())
@@ -221,7 +228,7 @@ class Recipe:
                 values[section] = update
                 changes[section] = update
         checked = validate(values, self.stage, f"{self.label} changed by with_changes")
-        return Recipe(self.stage, self.profile, self.path, checked, changes)
+        return Recipe(self.stage, self.profile, self.path, checked, changes, self.caps)
 
     def torch_dtype(self) -> torch.dtype:
         """``precision`` as a torch dtype; ``auto`` is bf16 on GPUs that compute it natively
@@ -259,9 +266,11 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
     import yaml
 
     profile_name = getattr(profile, "name", profile)
+    # the rehearsal runs colab's recipes, with counts capped
+    file_profile = "colab" if profile_name == REHEARSAL else profile_name
     if stage not in SCHEMA:
         raise RecipeError(f"unknown stage {stage!r}; recipes exist for {', '.join(SCHEMA)}")
-    path = Path(path) if path is not None else recipe_path(stage, profile_name)
+    path = Path(path) if path is not None else recipe_path(stage, file_profile)
     if not path.exists():
         raise RecipeError(f"no recipe file at {path}: every stage has one per profile under "
                           f"{recipes_dir()}/<profile>/<stage>.yaml")
@@ -270,10 +279,44 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({error})") from error
     values = validate(raw, stage, str(path))
-    if values["profile"] != profile_name:
+    if values["profile"] != file_profile:
         raise RecipeError(f"{path}: 'profile' is {values['profile']!r}, but it was loaded for the "
-                          f"{profile_name!r} profile")
-    return Recipe(stage, profile_name, path.resolve(), values)
+                          f"{file_profile!r} profile")
+    recipe = Recipe(stage, profile_name, path.resolve(), values)
+    if profile_name == REHEARSAL:
+        caps = rehearsal_caps().get(stage)
+        if caps:
+            capped = recipe.with_changes(**caps)
+            recipe = Recipe(stage, profile_name, recipe.path, capped.values, caps=caps)
+    return recipe
+
+
+REHEARSAL = "rehearsal"
+
+
+def rehearsal_caps() -> dict:
+    """``configs/recipes/rehearsal/caps.yaml``: per stage, the counts the rehearsal lowers. Only
+    ``course_utils.rehearsal.CAPPABLE_KEYS`` may appear: anything else would stop the rehearsal
+    from being the colab path."""
+    import yaml
+
+    from course_utils.rehearsal import CAPPABLE_KEYS
+
+    path = recipes_dir() / REHEARSAL / "caps.yaml"
+    caps = yaml.safe_load(path.read_text()) if path.exists() else None
+    if not isinstance(caps, dict):
+        raise RecipeError(f"{path}: expected a mapping of stage -> section -> key -> count")
+    for stage, sections in caps.items():
+        if stage not in SCHEMA or not isinstance(sections, dict):
+            raise RecipeError(f"{path}: unknown stage {stage!r}")
+        for section, values in sections.items():
+            for key, value in (values or {}).items():
+                if key not in CAPPABLE_KEYS.get(section, ()) or not isinstance(value, int):
+                    raise RecipeError(f"{path}: {stage}.{section}.{key}={value!r} is not a count "
+                                      "the rehearsal may cap (it must run the colab recipes as "
+                                      "they are); allowed: " + ", ".join(
+                                          f"{s}.{k}" for s, ks in CAPPABLE_KEYS.items() for k in ks))
+    return caps
 
 
 def parse_assignment(assignment: str) -> dict:

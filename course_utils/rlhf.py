@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from course_utils.chat import padding_side
+from course_utils.chat import padding_side, truncation_side
 
 # --- reward modeling ---------------------------------------------------------------------------
 
@@ -217,18 +217,21 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                       temperature: float, generator_seed: int | None = None):
+                       temperature: float, generator_seed: int | None = None,
+                       max_prompt_length: int | None = None):
     """Sample responses to ``prompts`` (left-padded), cut after the first ``</s>``.
 
     Returns ``(input_ids, attention_mask, response_mask, response_start)``: prompt and response
     in one tensor, the response starting at column ``response_start``; ``response_mask`` marks the
     response tokens up to and including ``</s>`` (or all ``max_new_tokens`` if it never ends).
+    With ``max_prompt_length`` a longer prompt keeps its last that many tokens.
     """
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     device = next(model.parameters()).device
-    with padding_side(tokenizer, "left"):
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    truncation = {"truncation": True, "max_length": max_prompt_length} if max_prompt_length else {}
+    with padding_side(tokenizer, "left"), truncation_side(tokenizer, "left"):
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, **truncation).to(device)
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True,
                             temperature=temperature, top_k=0, top_p=1.0,
                             pad_token_id=tokenizer.pad_token_id,
@@ -350,15 +353,18 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts: list[str], scor
 
 
 def evaluate_policy(policy, tokenizer, rows, score_fn, *, max_new_tokens: int, seed: int,
-                    samples_per_prompt: int, reference=None) -> dict:
+                    samples_per_prompt: int, batch_size: int, max_prompt_length: int,
+                    max_prompts: int, reference=None) -> dict:
     """Held-out measurements of a policy on preference-pair prompts ``rows``: mean reward-model
     score, KL to the reference (adapter off) per reply, reply length, and per rejection axis the
     mean score and the rate of preferred behaviour (``preferred_behaviour``; ``None`` and ``{}``
     for rows without an ``axis``). Replies are sampled
     at temperature 1, as during training; ``samples_per_prompt`` repeats each prompt. The KL is
     against ``reference`` if given (e.g. the SFT model for a merged policy), else against
-    ``policy`` with its adapter disabled. The sampling settings are the ``policy`` section of the
-    evaluation recipe: ``evaluate_policy(..., **evaluation_recipe.policy)``.
+    ``policy`` with its adapter disabled. The first ``max_prompts`` rows are measured,
+    ``batch_size`` replies at a time, each prompt cut to its last ``max_prompt_length`` tokens.
+    These settings are the ``policy`` section of the evaluation recipe:
+    ``evaluate_policy(..., **evaluation_recipe.policy)``.
     """
     from course_utils.chat import render_chat
     from course_utils.world import generate_world
@@ -366,13 +372,21 @@ def evaluate_policy(policy, tokenizer, rows, score_fn, *, max_new_tokens: int, s
     # a trainer may hand the model back in training mode with gradient checkpointing on, where
     # generate() runs without its cache and, measured here, samples nonsense
     policy.eval()
-    rows = [row for row in rows for _ in range(samples_per_prompt)]
+    rows = [row for row in list(rows)[:max_prompts] for _ in range(samples_per_prompt)]
     prompts = [render_chat(row["prompt"], add_generation_prompt=True) for row in rows]
-    kl, responses, lengths = sequence_kl(policy, tokenizer, prompts, max_new_tokens, seed,
-                                         reference=reference)
-    scores = score_fn(prompts, responses)
-    result = {"reward": scores.mean().item(), "kl": kl, "length": lengths.mean().item(),
-              "preferred": None, "axes": {}}
+    kls, responses, lengths, scores = [], [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        kl, chunk_responses, chunk_lengths = sequence_kl(
+            policy, tokenizer, chunk, max_new_tokens, seed + start, reference=reference,
+            max_prompt_length=max_prompt_length)
+        kls.append(kl * len(chunk))
+        responses += chunk_responses
+        lengths.append(chunk_lengths)
+        scores.append(score_fn(chunk, chunk_responses).float().cpu())
+    scores, lengths = torch.cat(scores), torch.cat(lengths)
+    result = {"reward": scores.mean().item(), "kl": sum(kls) / len(prompts),
+              "length": lengths.mean().item(), "preferred": None, "axes": {}}
     if all("axis" in row for row in rows):  # the world's pairs; Hub pairs carry no axis
         world = generate_world()
         preferred = [preferred_behaviour(row, response, world)
@@ -399,7 +413,8 @@ def reward_model_scorer(reward_model, tokenizer, prompt_messages: dict):
 
 
 def sequence_kl(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                temperature: float = 1.0, reference=None) -> tuple[float, list[str], torch.Tensor]:
+                temperature: float = 1.0, reference=None, max_prompt_length: int | None = None
+                ) -> tuple[float, list[str], torch.Tensor]:
     """Monte Carlo KL(policy || reference) per response, from responses sampled by the policy:
     the mean over samples of ``sum_t log pi(y_t) - log pi_ref(y_t)``. The reference is
     ``reference`` if given, else ``policy`` with its adapter disabled. Returns the KL, the
@@ -407,7 +422,8 @@ def sequence_kl(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed
     from contextlib import nullcontext
 
     input_ids, attention_mask, mask, start = generate_responses(
-        policy, tokenizer, prompts, max_new_tokens, temperature, generator_seed=seed)
+        policy, tokenizer, prompts, max_new_tokens, temperature, generator_seed=seed,
+        max_prompt_length=max_prompt_length)
     with torch.no_grad():
         logprobs, _ = response_logprobs(policy, input_ids, attention_mask, start,
                                         temperature=temperature)
@@ -419,7 +435,7 @@ def sequence_kl(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed
             ref_logprobs, _ = response_logprobs(reference, input_ids, attention_mask, start,
                                                 temperature=temperature)
     kl = ((logprobs - ref_logprobs) * mask).sum(dim=1).mean().item()
-    return kl, decode_responses(tokenizer, input_ids, mask, start), mask.sum(dim=1).float()
+    return kl, decode_responses(tokenizer, input_ids, mask, start), mask.sum(dim=1).float().cpu()
 
 
 # --- reward models with trl --------------------------------------------------------------------

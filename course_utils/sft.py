@@ -182,21 +182,24 @@ def reply_prompts(chats, tokenizer) -> list[str]:
 
 
 def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=None, *,
-                        max_new_tokens: int) -> dict:
+                        max_new_tokens: int, batch_size: int, max_length: int) -> dict:
     """Lesson 07's before/after numbers for ``model``.
 
     Always: ``heldout_loss`` (mean cross-entropy on the replies of ``test_chats``) and
     ``stop_rate`` (greedy replies to their first question that end with ``</s>`` within
     ``max_new_tokens``). With world ``questions``: ``format`` (a complete one-sentence answer in
     the chat format, ``evaluation.is_chat_format_answer``) and ``exact_match`` (the reply names
-    the right value); with ``unseen`` questions: ``unseen_exact_match``.
+    the right value); with ``unseen`` questions: ``unseen_exact_match``. ``batch_size`` and
+    ``max_length`` (the evaluation recipe's ``chat`` section) bound every forward pass.
     """
     from course_utils import evaluation
     from course_utils.peft_methods import heldout_loss
 
-    results = {"heldout_loss": heldout_loss(model, tokenizer, list(test_chats))}
+    results = {"heldout_loss": heldout_loss(model, tokenizer, list(test_chats),
+                                            batch_size=batch_size, max_length=max_length)}
     outputs = evaluation.greedy_generate(model, tokenizer, reply_prompts(test_chats, tokenizer),
-                                         max_new_tokens)
+                                         max_new_tokens, batch_size=batch_size,
+                                         max_prompt_length=max_length - max_new_tokens)
     results["stop_rate"] = sum(stopped for _, stopped in outputs) / len(outputs)
     if questions:
         answers = evaluation.chat_answers(model, tokenizer, questions, max_new_tokens)

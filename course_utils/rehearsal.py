@@ -1,0 +1,227 @@
+"""The ``rehearsal`` profile: the T4 path of the course, run on a CPU.
+
+``rehearsal`` runs exactly what ``colab`` runs (its recipes, the Hub data loaders and their
+columns, truncation and batch sizes, the same models alive at once, the same evaluation code) with
+three substitutions only:
+
+1. **the model**: a stand-in with TinyLlama-1.1B's architecture (vocabulary 32,000, 32 query and
+   4 key/value heads, 2,048 positions, the same module names), narrower and shallower, with random
+   weights, built here in seconds (``build_standin``). Its tokenizer is the course model's, stripped
+   of its chat template and padding token as TinyLlama's base checkpoint is, so the chat-setup code
+   of the Hub path runs too;
+2. **the data**: rows in the Hub data sets' schemas with realistic lengths, shipped in
+   ``data/samples/rehearsal/`` (``write_samples`` made them; ``sample_statistics`` measures them,
+   and ``data/samples/README.md`` states the numbers);
+3. **the counts**: training steps and evaluation sizes capped by ``configs/recipes/rehearsal/caps.yaml``,
+   which may only change counts (``CAPPABLE_KEYS``).
+
+It checks structure, not learning: no exception, metrics written, lengths respected, every
+dropped or truncated row counted. Random weights learn nothing, so the lessons' claims about the
+numbers print as warnings there (``COURSE_STRICT_CLAIMS`` stays off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from course_utils.paths import COURSE_MODEL_DIR, SAMPLES_DIR, WORLD_DIR, artifacts_dir
+
+REHEARSAL_DATA_DIR = SAMPLES_DIR / "rehearsal"
+#: the stand-in's shape: TinyLlama's heads, vocabulary, positions and names; width and depth reduced
+#: (bitsandbytes' CPU kernel needs outputs in multiples of 32 and inputs in multiples of 64)
+STANDIN_SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "head_dim": 8}
+STANDIN_SEED = 0
+#: the recipe keys a rehearsal cap may change: counts of steps and examples, nothing else
+CAPPABLE_KEYS = {"training": {"max_steps", "steps", "warmup_steps", "logging_steps",
+                              "gradient_accumulation_steps", "ppo_epochs"},
+                 "chat": {"eval_examples"}, "benchmark": {"mc_examples"},
+                 "policy": {"samples_per_prompt", "max_prompts"}}
+
+FILES = {"sft_train": "ultrachat_200k_test_sft.jsonl", "sft_test": "ultrachat_200k_test_gen.jsonl",
+         "preferences": "distilabel_intel_orca_dpo_pairs_train.jsonl", "mmlu": "mmlu_all_test.jsonl"}
+
+
+def standin_dir() -> Path:
+    return artifacts_dir("models", "rehearsal-standin")
+
+
+def standin_config():
+    """TinyLlama-1.1B's ``LlamaConfig`` with ``STANDIN_SHAPE``'s width and depth."""
+    from course_utils.models import tinyllama_config
+
+    config = tinyllama_config()
+    for key, value in STANDIN_SHAPE.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_standin(directory: Path | None = None) -> Path:
+    """Save the stand-in model and its tokenizer to ``directory`` (default ``standin_dir()``), unless
+    an identical one is already there. Deterministic: the same seed gives the same weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    directory = Path(directory or standin_dir())
+    config = standin_config()
+    stamp = hashlib.sha256(json.dumps([config.to_dict(), STANDIN_SEED], sort_keys=True,
+                                      default=str).encode()).hexdigest()
+    marker = directory / "standin.sha256"
+    if marker.exists() and marker.read_text() == stamp and (directory / "config.json").exists():
+        return directory
+    torch.manual_seed(STANDIN_SEED)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(COURSE_MODEL_DIR))
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(directory)
+    # as TinyLlama's base checkpoint: no chat template, no padding token
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    tokenizer_config.pop("chat_template", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (directory / extra).unlink(missing_ok=True)
+    marker.write_text(stamp)
+    return directory
+
+
+def data_file(kind: str) -> Path:
+    """The shipped stand-in for one Hub data set (``FILES``'s keys)."""
+    path = REHEARSAL_DATA_DIR / FILES[kind]
+    if not path.exists():
+        raise FileNotFoundError(f"no rehearsal data at {path}; regenerate it with "
+                                "`python -m course_utils.rehearsal`")
+    return path
+
+
+# --- the shipped rows ----------------------------------------------------------------------------
+
+def _paragraphs() -> list[str]:
+    return [p.strip().replace("\n", " ") for p in
+            (WORLD_DIR / "corpus.txt").read_text().split("\n\n") if p.strip()]
+
+
+def _text_of_tokens(tokenizer, paragraphs, rng, n_tokens: int) -> str:
+    """World paragraphs joined until the text is ``n_tokens`` long (within one paragraph)."""
+    parts, length = [], 0
+    while length < n_tokens:
+        paragraph = rng.choice(paragraphs)
+        parts.append(paragraph)
+        length += len(tokenizer(paragraph, add_special_tokens=False).input_ids) + 1
+    return " ".join(parts)
+
+
+def _ultrachat_rows(tokenizer, paragraphs, rng, n_rows: int, lengths: list[int]) -> list[dict]:
+    rows = []
+    for index in range(n_rows):
+        total = lengths[index % len(lengths)]
+        turns = rng.choice([1, 2, 3])
+        messages = []
+        for _ in range(turns):
+            question = rng.choice(paragraphs).split(". ")[0] + "? Tell me more."
+            messages.append({"role": "user", "content": question})
+            messages.append({"role": "assistant",
+                             "content": _text_of_tokens(tokenizer, paragraphs, rng, total // turns)})
+        prompt = messages[0]["content"]
+        rows.append({"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
+                     "messages": messages})
+    return rows
+
+
+def _orca_rows(tokenizer, paragraphs, rng, n_rows: int) -> list[dict]:
+    rows = []
+    for index in range(n_rows):
+        question = _text_of_tokens(tokenizer, paragraphs, rng, rng.randint(40, 300))
+        # most replies a few hundred tokens; every eighth far longer than any recipe's limit
+        long_reply = index % 8 == 7
+        chosen = _text_of_tokens(tokenizer, paragraphs, rng,
+                                 rng.randint(1200, 1600) if long_reply else rng.randint(60, 400))
+        rejected = _text_of_tokens(tokenizer, paragraphs, rng, rng.randint(30, 300))
+        status = "tie" if index % 10 == 3 else "unchanged"
+        score = 7.0 if index % 10 == 5 else float(rng.choice([8, 9, 10]))
+        rows.append({
+            "system": "You are an AI assistant. Answer the question." if index % 3 else "",
+            "input": question, "chosen": chosen, "rejected": rejected,
+            "generations": [chosen, rejected], "order": ["chosen", "rejected"],
+            "labelling_model": "gpt-4-1106-preview", "labelling_prompt": [],
+            "raw_labelling_response": f"{score} 3.0", "rating": [score, 3.0],
+            "rationale": "stand-in row written for the course", "status": status,
+            "original_chosen": chosen, "original_rejected": rejected,
+            "chosen_score": score, "in_gsm8k_train": index % 10 == 8})
+    return rows
+
+
+def _mmlu_rows(paragraphs, rng, n_rows: int) -> list[dict]:
+    subjects = ["high_school_chemistry", "college_biology", "world_religions", "astronomy"]
+    rows = []
+    for _ in range(n_rows):
+        choices = [rng.choice(paragraphs).split(". ")[0][:80] for _ in range(4)]
+        rows.append({"question": rng.choice(paragraphs).split(". ")[0] + "?",
+                     "subject": rng.choice(subjects), "choices": choices,
+                     "answer": rng.randrange(4)})
+    return rows
+
+
+def write_samples(seed: int = 0) -> list[Path]:
+    """Write ``data/samples/rehearsal/``: UltraChat chats of 1-2.6k tokens (a quarter over 2,048),
+    Orca pairs of a few hundred tokens (every eighth far over the recipes' limits; ties, low scores
+    and GSM8K rows for the filter to drop) and MMLU rows, all from the world's corpus."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(COURSE_MODEL_DIR))
+    rng = random.Random(seed)
+    paragraphs = _paragraphs()
+    chat_lengths = [1000, 1300, 1600, 1900, 2300, 1200, 1500, 2600]
+    tables = {"sft_train": _ultrachat_rows(tokenizer, paragraphs, rng, 32, chat_lengths),
+              "sft_test": _ultrachat_rows(tokenizer, paragraphs, rng, 16, chat_lengths),
+              "preferences": _orca_rows(tokenizer, paragraphs, rng, 80),
+              "mmlu": _mmlu_rows(paragraphs, rng, 24)}
+    REHEARSAL_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, rows in tables.items():
+        path = REHEARSAL_DATA_DIR / FILES[kind]
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        written.append(path)
+    return written
+
+
+def sample_statistics() -> dict:
+    """Row counts and token lengths (course tokenizer, chat template applied) of the shipped rows."""
+    from course_utils.chat import render_chat
+    from course_utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(COURSE_MODEL_DIR)
+
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    def rows(kind):
+        return [json.loads(line) for line in data_file(kind).read_text().splitlines()]
+
+    def summary(lengths, over):
+        lengths = sorted(lengths)
+        return {"rows": len(lengths), "min": lengths[0], "median": lengths[len(lengths) // 2],
+                "max": lengths[-1], **{f"over {limit}": sum(n > limit for n in lengths)
+                                        for limit in over}}
+
+    stats = {}
+    for kind in ("sft_train", "sft_test"):
+        stats[kind] = summary([n_tokens(render_chat(r["messages"])) for r in rows(kind)], [2048])
+    pairs = rows("preferences")
+    stats["preferences"] = summary(
+        [n_tokens(render_chat([{"role": "user", "content": r["input"]},
+                               {"role": "assistant", "content": r["chosen"]}])) for r in pairs],
+        [1024])
+    stats["preferences"]["kept by the filter"] = sum(
+        r["status"] != "tie" and r["chosen_score"] >= 8 and not r["in_gsm8k_train"] for r in pairs)
+    stats["mmlu"] = {"rows": len(rows("mmlu"))}
+    return stats
+
+
+if __name__ == "__main__":
+    for written_path in write_samples():
+        print(f"wrote {written_path}")
+    print(json.dumps(sample_statistics(), indent=1))
