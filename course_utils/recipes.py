@@ -58,8 +58,8 @@ _PPO = {name: (kind, _REQ) for name, kind in {
     "steps": int, "batch_size": int, "ppo_epochs": int, "minibatch_size": int,
     "learning_rate": float, "value_learning_rate": float, "kl_coef": float, "clip_eps": float,
     "value_clip_eps": float, "value_coef": float, "gamma": float, "lam": float,
-    "max_new_tokens": int, "temperature": float, "whiten_advantages": bool,
-    "max_grad_norm": float}.items()}
+    "max_new_tokens": int, "max_prompt_length": int, "temperature": float,
+    "whiten_advantages": bool, "max_grad_norm": float}.items()}
 
 _PEFT_METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora",
                  "ia3")

@@ -169,6 +169,7 @@ class PPOConfig:
     gamma: float
     lam: float
     max_new_tokens: int
+    max_prompt_length: int    # longer training prompts are left out (ppo_prompts)
     temperature: float
     whiten_advantages: bool
     max_grad_norm: float
@@ -480,15 +481,37 @@ def reward_peft_config(recipe):
     return LoraConfig(**recipe.lora, task_type="SEQ_CLS")
 
 
+def trainable_in_fp32(model) -> int:
+    """Cast every trainable parameter to fp32; return how many were cast.
+
+    fp16 mixed precision keeps the weights it updates in fp32: the gradient scaler refuses fp16
+    gradients ("Attempting to unscale FP16 gradients"). peft upcasts LoRA's matrices itself, but
+    not the trainable copy of a ``modules_to_save`` layer (the reward model's new ``score`` head),
+    which stays in the fp16 the model was loaded in.
+    """
+    cast = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+            cast += 1
+    return cast
+
+
 def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None):
-    """trl ``RewardTrainer`` on the course's preference rows."""
+    """trl ``RewardTrainer`` on the course's preference rows. With ``peft_config`` the adapter is
+    added here, and every trainable weight (LoRA and the ``score`` head) kept in fp32."""
     from trl import RewardTrainer
 
     from course_utils.sft import training_tokenizer
 
     torch.manual_seed(args.seed)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+        trainable_in_fp32(model)
     return RewardTrainer(model=model, args=args, train_dataset=preference_rows(train_dataset),
-                         processing_class=training_tokenizer(tokenizer), peft_config=peft_config)
+                         processing_class=training_tokenizer(tokenizer))
 
 
 @torch.no_grad()
@@ -623,9 +646,11 @@ def ppo_model_dir():
     return stages.stage_dir("ppo")
 
 
-def ppo_prompts(profile) -> tuple[list[str], dict]:
-    """The rendered prompts PPO trains on (each training pair's prompt once) and the conversation
-    of every training and held-out prompt, which ``reward_model_scorer`` looks replies up in."""
+def ppo_prompts(profile, tokenizer, max_prompt_length: int, verbose: bool = True
+                ) -> tuple[list[str], dict]:
+    """The rendered prompts PPO trains on (each training pair's prompt once, those longer than
+    ``max_prompt_length`` tokens left out and counted) and the conversation of every training and
+    held-out prompt, which ``reward_model_scorer`` looks replies up in."""
     from course_utils import data
     from course_utils.chat import render_chat
 
@@ -633,8 +658,17 @@ def ppo_prompts(profile) -> tuple[list[str], dict]:
     test_pairs = data.load_preference_dataset(profile, "test")
     conversations = {render_chat(row["prompt"], add_generation_prompt=True): row["prompt"]
                      for row in list(train_pairs) + list(test_pairs)}
-    train_prompts = list(dict.fromkeys(render_chat(row["prompt"], add_generation_prompt=True)
-                                       for row in train_pairs))
+    every_prompt = list(dict.fromkeys(render_chat(row["prompt"], add_generation_prompt=True)
+                                      for row in train_pairs))
+    train_prompts = [p for p in every_prompt
+                     if len(tokenizer(p, add_special_tokens=False).input_ids) < max_prompt_length]
+    if verbose:
+        print(f"PPO prompts: {len(train_prompts)} of {len(every_prompt)}; "
+              f"{len(every_prompt) - len(train_prompts)} longer than {max_prompt_length} tokens "
+              "left out")
+    if not train_prompts:
+        raise ValueError(f"no training prompt is shorter than {max_prompt_length} tokens; raise "
+                         "training.max_prompt_length in the ppo recipe")
     return train_prompts, conversations
 
 
@@ -648,7 +682,8 @@ def build_ppo_model(profile, recipe, verbose: bool = True):
     tokenizer = load_tokenizer(sft_dir)
     reward_model = load_reward_model(reward_dir, tokenizer, recipe.torch_dtype()).to(
         profile.device).eval()
-    train_prompts, conversations = ppo_prompts(profile)
+    train_prompts, conversations = ppo_prompts(profile, tokenizer,
+                                               recipe.training["max_prompt_length"], verbose)
     policy, value_head = make_ppo_policy(sft_dir, profile, recipe)
     config = PPOConfig.from_recipe(recipe)
     train_ppo(policy, value_head, tokenizer, train_prompts,
