@@ -156,18 +156,22 @@ def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return log_probs * attention_mask[:, 1:]
 
 
-def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32,
+               max_length: int | None = None) -> float:
     """Token-weighted perplexity of ``texts``: ``exp(-mean log p(token | tokens before))``.
 
-    Every token after the first (``<s>``) of each text is predicted; padding is masked out.
+    Every token after the first (``<s>``) of each text is predicted; padding is masked out. With
+    ``max_length`` each text counts its first that many tokens (a model cannot read past its
+    positions).
     """
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    truncation = {"truncation": True, "max_length": max_length} if max_length else {}
     with padding_side(tokenizer, "right"):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt",
-                              padding=True).to(device)
+                              padding=True, **truncation).to(device)
             log_probs = token_log_probs(model, batch["input_ids"], batch["attention_mask"])
             total += log_probs.sum().item()
             count += int(batch["attention_mask"][:, 1:].sum())

@@ -104,6 +104,17 @@ def ensure_chat_setup(tokenizer):
     return tokenizer
 
 
+def process_device(profile: Profile):
+    """Where this process keeps a quantized model: the CPU, or this process's own GPU. Under
+    ``accelerate launch`` / ``torchrun`` every process has a ``LOCAL_RANK`` and must load onto
+    ``cuda:LOCAL_RANK``; ``{"": 0}`` would put every copy on GPU 0."""
+    import os
+
+    if profile.device == "cpu":
+        return "cpu"
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def check_local_model(model_name_or_path: str | Path) -> None:
     """Raise ``FileNotFoundError`` with a fix when a local-looking path holds no model.
 
@@ -151,7 +162,7 @@ def load_model_and_tokenizer(profile: Profile, load_in_4bit: bool | None = None,
         check_4bit_support(profile.device)
         kwargs["quantization_config"] = quantization_config or bnb_4bit_config(
             profile.compute_dtype)
-        kwargs["device_map"] = {"": profile.device if profile.device == "cpu" else 0}
+        kwargs["device_map"] = {"": process_device(profile)}
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     if not quantize:
         model.to(profile.device)

@@ -109,6 +109,7 @@ def colab_profile() -> Profile:
 def rehearsal_profile() -> Profile:
     from course_utils import rehearsal
 
+    rehearsal.install_guards()
     return Profile(
         name="rehearsal", model_name_or_path=str(rehearsal.build_standin()), device="cpu",
         compute_dtype=torch.float32, load_in_4bit=True, data_source="hub", recipes="colab",

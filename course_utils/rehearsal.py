@@ -88,6 +88,56 @@ def build_standin(directory: Path | None = None) -> Path:
     return directory
 
 
+class RehearsalError(RuntimeError):
+    """Something the T4 path would do that the rehearsal refuses: a sequence longer than
+    TinyLlama's positions, a forward pass bigger than the recipes allow."""
+
+
+#: the most sequences one forward pass may hold: the largest batch a colab recipe asks for
+#: (trl's reward and DPO trainers stack chosen and rejected: twice the pairs)
+_guard_state = {"installed": False}
+
+
+def max_rows_per_forward() -> int:
+    from course_utils.recipes import load_recipe
+
+    evaluation = load_recipe("evaluation", "colab")
+    batches = [load_recipe("sft", "colab").training["per_device_train_batch_size"],
+               2 * load_recipe("reward", "colab").training["per_device_train_batch_size"],
+               2 * load_recipe("dpo", "colab").training["per_device_train_batch_size"],
+               load_recipe("ppo", "colab").training["batch_size"],
+               load_recipe("grpo", "colab").training["per_device_train_batch_size"],
+               evaluation.chat["batch_size"], evaluation.policy["batch_size"]]
+    return max(batches)
+
+
+def install_guards() -> None:
+    """Make every Llama forward pass in this process check what a T4 run would hit: at most
+    ``max_position_embeddings`` tokens per sequence (TinyLlama's 2,048) and at most
+    ``max_rows_per_forward()`` sequences. A violation raises ``RehearsalError`` naming the shape."""
+    if _guard_state["installed"]:
+        return
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.LlamaModel.forward
+    limit_rows = max_rows_per_forward()
+
+    def guarded_forward(self, input_ids=None, *args, **kwargs):
+        shape = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).shape
+        if shape[1] > self.config.max_position_embeddings:
+            raise RehearsalError(
+                f"a forward pass of {shape[1]} tokens per sequence; the model has "
+                f"{self.config.max_position_embeddings} positions: truncate the input")
+        if shape[0] > limit_rows:
+            raise RehearsalError(
+                f"a forward pass of {shape[0]} sequences; no colab recipe batches more than "
+                f"{limit_rows}: split it into batches")
+        return original(self, input_ids, *args, **kwargs)
+
+    modeling_llama.LlamaModel.forward = guarded_forward
+    _guard_state["installed"] = True
+
+
 def data_file(kind: str) -> Path:
     """The shipped stand-in for one Hub data set (``FILES``'s keys)."""
     path = REHEARSAL_DATA_DIR / FILES[kind]

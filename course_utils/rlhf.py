@@ -516,7 +516,7 @@ def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None)
 
 @torch.no_grad()
 def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list[str],
-                    batch_size: int = 64) -> torch.Tensor:
+                    batch_size: int = 16) -> torch.Tensor:
     """The reward model's score for each (conversation ``prompt``, ``response``) pair, rendered
     with the chat template and ``<s>`` first, exactly as ``RewardTrainer`` trains on them."""
     from course_utils.chat import render_chat

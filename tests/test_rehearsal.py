@@ -1,0 +1,260 @@
+"""The T4 path, rehearsed on the CPU: the colab recipes, the Hub loaders on shipped rows, a random
+stand-in with TinyLlama's architecture (``course_utils.rehearsal``); and one test per finding of the
+careful read that made it (each fails on the code before the fix)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from course_utils import data, recipes, rehearsal
+from course_utils.models import tinyllama_config
+from course_utils.paths import NOTEBOOKS_DIR, SAMPLES_DIR
+from course_utils.profiles import get_profile, tiny_profile
+
+# every notebook that branches on the profile, in course order (each reuses the models before it)
+REHEARSED = ["07_qlora_sft", "08_reward_modeling", "09_ppo_rlhf", "10_dpo", "11_evaluation"]
+COUNTED_STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation")
+
+
+@pytest.fixture(scope="module")
+def rehearsal_profile(tmp_path_factory):
+    patch = pytest.MonkeyPatch()
+    from course_utils import paths
+
+    patch.setattr(paths, "ARTIFACTS_DIR", tmp_path_factory.mktemp("rehearsal-artifacts"))
+    yield get_profile("rehearsal", verbose=False)
+    patch.undo()
+
+
+# --- the profile is the colab path -------------------------------------------------------------
+
+def test_rehearsal_recipes_are_colabs_except_counts():
+    allowed = {(section, key) for section, keys in rehearsal.CAPPABLE_KEYS.items() for key in keys}
+    for stage in COUNTED_STAGES:
+        colab = recipes.load_recipe(stage, "colab").values
+        rehearsed = recipes.load_recipe(stage, "rehearsal").values
+        for section, values in colab.items():
+            if not isinstance(values, dict):
+                assert rehearsed[section] == values, (stage, section)
+                continue
+            for key, value in values.items():
+                if rehearsed[section][key] != value:
+                    assert (section, key) in allowed, f"{stage}: rehearsal changes {section}.{key}"
+                    assert rehearsed[section][key] <= value, f"{stage}: a cap must lower a count"
+
+
+def test_caps_refuse_anything_but_counts(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    import shutil
+
+    shutil.copytree(recipes.RECIPES_DIR, folder)
+    (folder / "rehearsal" / "caps.yaml").write_text("dpo:\n  training: {max_length: 128}\n")
+    monkeypatch.setenv(recipes.RECIPES_VARIABLE, str(folder))
+    with pytest.raises(recipes.RecipeError, match="max_length"):
+        recipes.load_recipe("dpo", "rehearsal")
+
+
+def test_standin_has_tinyllamas_architecture(rehearsal_profile):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    standin = AutoConfig.from_pretrained(rehearsal_profile.model_name_or_path)
+    tiny = tinyllama_config()
+    for key in ("vocab_size", "num_attention_heads", "num_key_value_heads",
+                "max_position_embeddings", "rope_parameters", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "hidden_act"):
+        assert getattr(standin, key) == getattr(tiny, key), key
+    tiny.num_hidden_layers = standin.num_hidden_layers
+    with torch.device("meta"):
+        reference_names = set(AutoModelForCausalLM.from_config(tiny).state_dict())
+    model = AutoModelForCausalLM.from_pretrained(rehearsal_profile.model_name_or_path)
+    assert set(model.state_dict()) == reference_names
+
+
+def test_samples_readme_states_the_shipped_lengths():
+    readme = (SAMPLES_DIR / "README.md").read_text()
+    stats = rehearsal.sample_statistics()
+    for kind, label in (("sft_train", "test_sft"), ("sft_test", "test_gen")):
+        s = stats[kind]
+        assert (f"| `ultrachat_200k_{label}.jsonl` | {s['rows']} | {s['min']} | {s['median']} | "
+                f"{s['max']} | {s['over 2048']} over 2,048") in readme, kind
+    p = stats["preferences"]
+    assert (f"| {p['rows']} | {p['min']} | {p['median']} | {p['max']} | {p['over 1024']} over 1,024"
+            ) in readme
+    assert f"keeps {p['kept by the filter']} |" in readme
+    assert stats["sft_train"]["over 2048"] > 0 and p["over 1024"] > 0  # truncation is exercised
+
+
+def test_guard_refuses_what_a_t4_run_would_hit(rehearsal_profile):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(rehearsal_profile.model_name_or_path)
+    model(torch.ones(2, 64, dtype=torch.long))
+    with pytest.raises(rehearsal.RehearsalError, match="2049 tokens"):
+        model(torch.ones(1, 2049, dtype=torch.long))
+    with pytest.raises(rehearsal.RehearsalError, match="sequences"):
+        model(torch.ones(rehearsal.max_rows_per_forward() + 1, 8, dtype=torch.long))
+
+
+# --- the findings, one test each -----------------------------------------------------------------
+
+class _OnAnotherDevice(torch.nn.Module):
+    """A model whose first parameter says it lives on the meta device: its forward refuses inputs
+    left on the CPU, as a CUDA model refuses them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.marker = torch.nn.Parameter(torch.empty(1, device="meta"))
+        self.model = model
+        self.config = model.config
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.device.type != "meta":
+            raise RuntimeError(f"input on {input_ids.device}, model on meta")
+        kwargs = {k: torch.zeros(v.shape, dtype=v.dtype) if v.device.type == "meta" else v
+                  for k, v in kwargs.items()}
+        return self.model(torch.zeros(input_ids.shape, dtype=input_ids.dtype), **kwargs)
+
+
+def test_heldout_loss_moves_batches_to_the_model_and_truncates(rehearsal_profile):
+    """Finding 1: the batch stayed on the CPU; chats ran untruncated past 2,048 positions."""
+    from transformers import AutoModelForCausalLM
+
+    from course_utils.chat import render_chat
+    from course_utils.models import load_tokenizer
+    from course_utils.peft_methods import heldout_loss
+
+    tokenizer = load_tokenizer(rehearsal_profile.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(rehearsal_profile.model_name_or_path)
+    long_chats = [row for row in data.load_sft_dataset(rehearsal_profile, "test")
+                  if len(tokenizer(render_chat(row["messages"])).input_ids) > 2048][:2]
+    assert long_chats
+    loss = heldout_loss(model, tokenizer, long_chats, batch_size=1, max_length=2048)
+    assert 0 < loss < 20
+    short = [{"messages": [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "hello there"}]}]
+    assert heldout_loss(_OnAnotherDevice(model), tokenizer, short, batch_size=1, max_length=64) > 0
+
+
+def test_reward_model_in_fp16_trains_under_the_grad_scaler():
+    """Finding 2: the `score` copy of modules_to_save stayed fp16 and trainable, which torch's
+    gradient scaler refuses at the first step."""
+    from peft import LoraConfig
+    from trl import RewardConfig
+
+    from course_utils import rlhf
+    from course_utils.models import load_tokenizer
+    from course_utils.paths import COURSE_MODEL_DIR
+
+    tokenizer = load_tokenizer(COURSE_MODEL_DIR)
+    model = rlhf.load_reward_model(COURSE_MODEL_DIR, tokenizer, torch.float16)
+    pairs = data.load_preference_dataset(tiny_profile(), "train").select(range(4))
+    args = RewardConfig(output_dir="/tmp/unused", max_steps=1, use_cpu=True, report_to="none",
+                        bf16=False, fp16=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"],
+                      task_type="SEQ_CLS")
+    trainer = rlhf.make_reward_trainer(model, tokenizer, pairs, args, lora)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert any(p.numel() == model.config.hidden_size for p in trainable)  # the score head
+    optimizer = torch.optim.SGD(trainable, lr=0.0)
+    for parameter in trainable:
+        parameter.grad = torch.zeros_like(parameter)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.tensor(1.0))  # what a training step does before unscaling
+    scaler.unscale_(optimizer)  # raises "Attempting to unscale FP16 gradients" on fp16 weights
+
+
+def test_policy_evaluation_is_batched_and_bounded():
+    """Finding 3: every held-out prompt went into one generate() call and one forward pass."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from course_utils import rlhf
+    from course_utils.models import load_tokenizer
+    from course_utils.paths import COURSE_MODEL_DIR
+
+    tokenizer = load_tokenizer(COURSE_MODEL_DIR)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(str(COURSE_MODEL_DIR)),
+                            LoraConfig(r=2, target_modules=["q_proj"]))
+    rows = list(data.load_preference_dataset(tiny_profile(), "test"))[:40]
+    widest = []
+    hook = policy.get_base_model().model.register_forward_pre_hook(
+        lambda module, args, kwargs: widest.append(
+            (kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+             else kwargs["inputs_embeds"]).shape[0]), with_kwargs=True)
+    try:
+        result = rlhf.evaluate_policy(
+            policy, tokenizer, rows, lambda prompts, replies: torch.zeros(len(prompts)),
+            max_new_tokens=2, seed=0, samples_per_prompt=1, batch_size=8, max_prompt_length=16,
+            max_prompts=20)
+    finally:
+        hook.remove()
+    assert max(widest) <= 8
+    assert len(result["responses"]) == 20
+
+
+def test_hub_loaders_fetch_one_split(monkeypatch):
+    """Finding 9: load_dataset(id, split=...) downloads every split of the data set."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    for loader in (lambda: data.load_ultrachat(split="test_sft"), data.load_orca_dpo_pairs,
+                   lambda: data.load_mmlu_subset(10)):
+        with pytest.raises(RuntimeError, match="stop"):
+            loader()
+    for path, _, kwargs in calls:
+        split = kwargs["split"]
+        assert list(kwargs.get("data_files", {})) == [split], path
+        assert f"/{split}-" in kwargs["data_files"][split], path
+
+
+def test_each_process_loads_onto_its_own_gpu(monkeypatch):
+    """Finding 8: device_map={"": 0} put every process of a multi-GPU launch on GPU 0."""
+    from dataclasses import replace
+
+    from course_utils.models import process_device
+
+    gpu_profile = replace(tiny_profile(), device="cuda")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device(gpu_profile) == 3
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_device(gpu_profile) == 0
+    assert process_device(tiny_profile()) == "cpu"
+
+
+# --- the lessons, run on the rehearsal -----------------------------------------------------------
+
+def test_lessons_run_on_the_rehearsal(tmp_path, monkeypatch):
+    """Lessons 07-11 in order on the rehearsal profile: no exception (findings 4 and 5 raised in
+    11 and 10), every metrics file written, dropped pairs counted."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setenv("COURSE_PROFILE", "rehearsal")
+    monkeypatch.setenv("COURSE_ARTIFACTS", str(artifacts))
+    monkeypatch.setenv("COURSE_STRICT_CLAIMS", "0")  # random weights learn nothing
+    monkeypatch.setenv("COURSE_REBUILD", "never")  # each lesson uses the models of the ones before
+    seconds = {}
+    for stem in REHEARSED:
+        notebook = nbformat.read(NOTEBOOKS_DIR / f"{stem}.ipynb", as_version=4)
+        start = time.perf_counter()
+        NotebookClient(notebook, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}).execute()
+        seconds[stem] = time.perf_counter() - start
+        metrics = json.loads((artifacts / stem / "metrics.json").read_text())
+        assert metrics, stem
+        if stem == "08_reward_modeling":
+            assert 0 < metrics["dropped_pairs"] < 0.25 * metrics["training_pairs"]
+    print("rehearsal seconds per lesson:", {k: round(v) for k, v in seconds.items()})
+    assert Path(artifacts / "models" / "dpo" / "stage_record.json").exists()
