@@ -184,3 +184,18 @@ def tinyllama_config():
         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def release(*models) -> None:
+    """Give the GPU memory of ``models`` back: each moves to the CPU (where a notebook can still
+    read it) and the CUDA cache is emptied. Lessons 09-11 call it once a model is measured, so no
+    more 1.1B models are alive on a T4 than the course budget counts (``course_utils.budget``).
+    A no-op for models already on the CPU."""
+    import gc
+
+    for model in models:
+        if any(p.device.type == "cuda" for p in model.parameters()):
+            model.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
