@@ -238,6 +238,32 @@ def course_phases() -> list[Phase]:
     return phases
 
 
+def rebuild_minutes(stage: str) -> float:
+    """Predicted minutes for a later lesson to rebuild ``stage`` on a T4: its training only (with
+    the adapter merge), parents not included."""
+    config = _config()
+    if stage == "sft":
+        t = load_recipe("sft", "colab").training
+        return training_seconds(t["max_steps"] * t["per_device_train_batch_size"]
+                                * t["gradient_accumulation_steps"] * t["max_length"],
+                                t["gradient_checkpointing"]) / 60
+    if stage in ("reward", "dpo"):
+        t = load_recipe(stage, "colab").training
+        tokens = (t["max_steps"] * t["per_device_train_batch_size"]
+                  * t["gradient_accumulation_steps"] * 2 * SEQUENCE_TOKENS["pair_sequence"])
+        return training_seconds(tokens, t["gradient_checkpointing"],
+                                reference_forward=stage == "dpo") / 60
+    if stage == "ppo":
+        t = load_recipe("ppo", "colab").training
+        sequence = t["max_prompt_length"] + t["max_new_tokens"]
+        step = (generation_seconds(t["batch_size"], t["batch_size"], t["max_new_tokens"],
+                                   t["max_prompt_length"])
+                + 3 * forward_seconds(t["batch_size"] * sequence, config)
+                + t["ppo_epochs"] * training_seconds(t["batch_size"] * sequence, False))
+        return t["steps"] * step / 60
+    raise ValueError(f"unknown stage {stage!r}")
+
+
 def lesson_minutes(phases=None) -> dict[str, float]:
     minutes: dict[str, float] = {}
     for phase in phases or course_phases():

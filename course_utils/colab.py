@@ -21,10 +21,18 @@ INSTALL_CELL = f'''\
 # Colab only: install the course's pinned packages and fetch the course. Does nothing elsewhere.
 import sys
 
+KEEP_MODELS_ON_DRIVE = False  # True: artifacts/ on Google Drive, so later lessons find 07-10's models
+
 if "google.colab" in sys.modules:
     import os
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
+
+    if KEEP_MODELS_ON_DRIVE:  # each notebook gets a fresh runtime; the Drive folder outlives it
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+        os.environ["COURSE_ARTIFACTS"] = "/content/drive/MyDrive/llm-finetuning-course/artifacts"
 
     COURSE_DIR = "/content/llm-finetuning-course"
     if not os.path.isdir(COURSE_DIR):

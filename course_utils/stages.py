@@ -115,7 +115,11 @@ def why_stale(stage: str, profile) -> str | None:
     in words."""
     folder = stage_dir(stage)
     if not (folder / "config.json").exists():
-        return f"no model in {folder}"
+        hint = ""
+        if os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in __import__("sys").modules:
+            hint = (" (each Colab notebook starts in a fresh runtime: set KEEP_MODELS_ON_DRIVE = True "
+                    "in the first code cell of every lesson to keep models on Google Drive)")
+        return f"no model in {folder}, where lesson {STAGES[stage].lesson[:2]} saves it{hint}"
     record = read_record(stage)
     if record is None:
         return f"the model in {folder} has no {RECORD_FILE} (saved by an older version of the course)"
@@ -160,7 +164,10 @@ def estimated_minutes(stage: str, profile) -> str:
         return f"about {max(1, round(record['build_seconds'] / 60))} min (its last build here)"
     if profile.device == "cpu":
         return f"about {STAGES[stage].cpu_minutes:g} min on a 2-core CPU"
-    return "several minutes on a GPU"
+    from course_utils import budget
+
+    return (f"about {budget.rebuild_minutes(stage):.0f} min on a T4 (predicted by "
+            "course_utils.budget; less on newer GPUs)")
 
 
 def ensure_stage(stage: str, profile, rebuild: bool | None = None, verbose: bool = True,

@@ -164,3 +164,28 @@ def test_every_lesson_that_trains_a_stage_saves_it_with_its_record():
         assert f'recipes.load_recipe("{stage}", profile)' in code, stage
         assert f'stages.save_stage("{stage}"' in code, stage
         assert f'stages.why_stale("{stage}", profile) is None' in code, stage
+
+
+def test_a_missing_stage_says_where_it_looked_and_how_long_a_gpu_rebuild_takes(tmp_path, monkeypatch):
+    """Finding 10: on Colab each lesson starts without the models of the lessons before."""
+    from dataclasses import replace
+
+    from course_utils import budget
+
+    monkeypatch.setattr(paths, "ARTIFACTS_DIR", tmp_path)
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "test")  # how Colab marks its runtimes
+    reason = stages.why_stale("dpo", tiny_profile())
+    assert str(tmp_path / "models" / "dpo") in reason and "lesson 10" in reason
+    assert "KEEP_MODELS_ON_DRIVE = True" in reason
+    gpu = replace(tiny_profile(), device="cuda")
+    estimate = stages.estimated_minutes("dpo", gpu)
+    assert f"about {budget.rebuild_minutes('dpo'):.0f} min on a T4" in estimate
+
+
+def test_install_cell_offers_drive_for_the_artifacts():
+    from course_utils.colab import INSTALL_CELL
+
+    flag = [line for line in INSTALL_CELL.splitlines() if line.startswith("KEEP_MODELS_ON_DRIVE")]
+    assert flag == [flag[0]] and flag[0].split("#")[0].strip() == "KEEP_MODELS_ON_DRIVE = False"
+    assert f'os.environ["{"COURSE_ARTIFACTS"}"]' in INSTALL_CELL
+    assert 'os.environ.get("COURSE_ARTIFACTS"' in (paths.REPO_ROOT / "course_utils" / "paths.py").read_text()
