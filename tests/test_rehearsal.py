@@ -254,7 +254,9 @@ def test_lessons_run_on_the_rehearsal(tmp_path, monkeypatch):
         seconds[stem] = time.perf_counter() - start
         metrics = json.loads((artifacts / stem / "metrics.json").read_text())
         assert metrics, stem
-        if stem == "08_reward_modeling":
+        if stem == "08_reward_modeling":  # some Orca pairs are too long, few (finding 6)
             assert 0 < metrics["dropped_pairs"] < 0.25 * metrics["training_pairs"]
+        if stem == "10_dpo":
+            assert 0 < metrics["truncated_pairs"] < 0.25 * metrics["training_pairs"]
     print("rehearsal seconds per lesson:", {k: round(v) for k, v in seconds.items()})
     assert Path(artifacts / "models" / "dpo" / "stage_record.json").exists()

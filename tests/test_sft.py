@@ -223,3 +223,18 @@ def test_accelerate_configs_are_valid(name):
         assert config["deepspeed_config"]["zero_stage"] == int(name[-1])
     assert f"configs/accelerate/{name}.yaml scripts/sft.py" in (
         REPO_ROOT / "configs" / "accelerate" / f"{name}.yaml").read_text()
+
+
+def test_trl_keeps_a_4bit_models_adapters_in_bf16_whatever_the_precision():
+    """Finding 11: what lesson 07 says and the T4 budget counts (2 bytes per adapter weight)."""
+    from course_utils import data, recipes, sft
+    from course_utils.profiles import tiny_profile
+
+    profile = tiny_profile()
+    recipe = recipes.load_recipe("sft", profile).with_changes(training={"max_steps": 1})
+    assert recipe.torch_dtype() == torch.float32
+    model, tokenizer = sft.load_quantized_base(profile, recipe)
+    chats = data.load_sft_dataset(profile, "train").select(range(8))
+    trainer = sft.make_trainer(model, tokenizer, chats, recipe, profile, "/tmp/unused-sft")
+    dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert dtypes == {torch.bfloat16}
