@@ -3,13 +3,16 @@
 Each notebook carries a copy of ``INSTALL_CELL`` as its second cell (Colab must run it before
 ``course_utils`` exists, so it cannot be imported); ``tests/test_notebooks_structure.py`` fails
 when a copy drifts from this source, and ``python -m course_utils.colab`` rewrites the copies.
-A fork changes ``GITHUB_REPO`` here and runs that command.
+A fork runs ``python -m course_utils.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
+setting, and ``set_repository`` rewrites it and every copy of it (badges, install cells, README).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 from course_utils.paths import REPO_ROOT
 
@@ -92,7 +95,42 @@ def sync_install_cells() -> list:
     return changed
 
 
-if __name__ == "__main__":
+REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}$")
+
+
+def repository_files(root: Path = REPO_ROOT) -> list[Path]:
+    """Every file that names the repository: this module, the README and the course notebooks."""
+    folders = ("notebooks", "solutions", "exercises")
+    return [root / "course_utils" / "colab.py", root / "README.md",
+            *sorted(p for folder in folders for p in (root / folder).glob("*.ipynb"))]
+
+
+def set_repository(repo: str, root: Path = REPO_ROOT, current: str = GITHUB_REPO) -> list[Path]:
+    """Point the course at ``repo`` (``owner/name``): rewrite ``current`` in every file of
+    ``repository_files(root)``. Returns the files that changed."""
+    if not REPO_PATTERN.match(repo):
+        raise ValueError(f"expected a GitHub path such as 'you/your-fork', got {repo!r}")
+    changed = []
+    for path in repository_files(root):
+        text = path.read_text()
+        if current in text:
+            path.write_text(text.replace(current, repo))
+            changed.append(path)
+    return changed
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--repo"] and len(argv) == 2:
+        for path in set_repository(argv[1]):
+            print(f"updated {path.relative_to(REPO_ROOT)}")
+        return 0
+    if argv:
+        print("usage: python -m course_utils.colab [--repo owner/name]", file=sys.stderr)
+        return 2
     for path in sync_install_cells():
         print(f"updated {path.relative_to(REPO_ROOT)}")
-    sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -204,3 +204,36 @@ def test_write_notebook_produces_the_fixed_opening(tmp_path):
     assert cells[2]["metadata"]["tags"] == ["parameters"]
     assert cells[3]["metadata"] == {"course": {"hint": "h"}}
     assert all(c.get("outputs", []) == [] for c in cells)
+
+
+GITHUB_PATH = re.compile(r"(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+)")
+
+
+def test_every_copy_of_the_repository_path_is_the_setting():
+    from course_utils.colab import repository_files
+
+    for path in repository_files():
+        for found in GITHUB_PATH.findall(path.read_text()):
+            assert found == GITHUB_REPO, (path.name, found)
+    badges = sum(path.read_text().count(f"colab.research.google.com/github/{GITHUB_REPO}/")
+                 for path in NOTEBOOKS)
+    assert badges == len(NOTEBOOKS)
+
+
+def test_one_command_points_a_fork_everywhere(tmp_path):
+    import shutil
+
+    from course_utils.colab import repository_files, set_repository
+
+    for path in repository_files():
+        target = tmp_path / path.relative_to(REPO_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    changed = set_repository("someone/their-fork", root=tmp_path)
+    assert len(changed) == len(repository_files(tmp_path))
+    for path in repository_files(tmp_path):
+        text = path.read_text()
+        assert GITHUB_REPO not in text and "someone/their-fork" in text, path.name
+    assert 'GITHUB_REPO = "someone/their-fork"' in (tmp_path / "course_utils" / "colab.py").read_text()
+    with pytest.raises(ValueError):
+        set_repository("not a repo", root=tmp_path)
