@@ -229,3 +229,71 @@ def results_table(results: list[MethodResult]) -> str:
 
 def results_json(results: list[MethodResult]) -> str:
     return json.dumps([asdict(r) for r in results], indent=1)
+
+
+# --- what scales: the same methods on the profile's large model ---------------------------------
+
+def where_it_runs(profile) -> str:
+    """The one line lessons 02-05 print: what runs on which model under ``profile``."""
+    if profile.name == "tiny":
+        return ("[course] profile 'tiny': every method trains on the course model; the last section "
+                "counts each method's parameters for TinyLlama-1.1B from its config (no weights).")
+    return (f"[course] profile '{profile.name}': the trainings and their comparison stay on the course "
+            "model (the world's task, where accuracy means something); the last section builds every "
+            f"method on {profile.model_name_or_path} and times one training step there.")
+
+
+def scale_rows(profile, names, chats, recipe=None) -> list[dict]:
+    """Every method in ``names`` built on the profile's large model: its trainable parameters and
+    share of the model; with weights (``colab``: TinyLlama on the GPU; ``rehearsal``: its stand-in)
+    also one training step on ``chats`` (seconds, and peak GPU memory on CUDA). Under ``tiny``,
+    TinyLlama's config on the meta device: counts only, exact, nothing downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    from course_utils.models import load_tokenizer, tinyllama_config
+
+    recipe = recipe or methods_recipe()
+    with_weights = profile.name != "tiny"
+    if with_weights:
+        base = AutoModelForCausalLM.from_pretrained(profile.model_name_or_path,
+                                                    dtype=profile.compute_dtype).to(profile.device)
+        tokenizer = load_tokenizer(profile.model_name_or_path)
+        batch = pad_batch([assistant_only_labels(tokenizer, c["messages"]) for c in chats],
+                          tokenizer.pad_token_id)
+        batch = {key: value.to(profile.device) for key, value in batch.items()}
+    else:
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(tinyllama_config())
+    n_base = sum(p.numel() for p in base.parameters())
+    rows = []
+    for name in names:
+        if with_weights:
+            model = make_method(name, base, recipe=recipe).to(profile.device)
+        else:
+            with torch.device("meta"):
+                model = make_method(name, base, recipe=recipe)
+        row = {"method": name, "trainable": trainable_parameters(model),
+               "percent": 100 * trainable_parameters(model) / n_base,
+               "step_seconds": None, "peak_gb": None}
+        if with_weights:
+            model.train()
+            if profile.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            if profile.device == "cuda":
+                torch.cuda.synchronize()
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            row["step_seconds"] = time.perf_counter() - start
+        rows.append(row)
+        del model
+    return rows
+
+
+def scale_table(rows) -> str:
+    lines = [f"{'method':14s} {'trainable':>14s} {'% of model':>10s} {'step s':>7s} {'peak GB':>8s}"]
+    for row in rows:
+        step = f"{row['step_seconds']:7.2f}" if row["step_seconds"] is not None else f"{'-':>7s}"
+        peak = f"{row['peak_gb']:8.2f}" if row["peak_gb"] is not None else f"{'-':>8s}"
+        lines.append(f"{row['method']:14s} {row['trainable']:14,d} {row['percent']:10.4f} {step} {peak}")
+    return "\n".join(lines)

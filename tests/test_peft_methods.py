@@ -62,3 +62,24 @@ def test_method_trains_its_parameters_and_reloads_exactly(setup, name):
 def test_unknown_method_is_rejected(setup):
     with pytest.raises(ValueError, match="unknown method"):
         peft_methods.make_method("bitfit", setup[0])
+
+
+def test_lessons_02_to_05_at_tinyllamas_scale():
+    """Deliverable of the T4 issue: the methods built on TinyLlama (its config on the meta device
+    under tiny; the rehearsal's stand-in with weights and a timed step), counted as the memory
+    model and TinyLlama's real size say."""
+    from course_utils import data, memory, peft_methods
+    from course_utils.models import tinyllama_config
+    from course_utils.profiles import get_profile, tiny_profile
+
+    chats = list(data.load_sft_dataset(tiny_profile(), "train"))[:4]
+    rows = {r["method"]: r for r in peft_methods.scale_rows(tiny_profile(), ["full", "lora"], chats)}
+    config = tinyllama_config()
+    lora = peft_methods.methods_recipe().methods["lora"]
+    assert rows["full"]["trainable"] == memory.count_parameters(config)
+    assert rows["lora"]["trainable"] == memory.lora_parameters(config, lora["r"], lora["target_modules"])
+    assert rows["lora"]["step_seconds"] is None
+    rehearsal = get_profile("rehearsal", verbose=False)
+    timed = peft_methods.scale_rows(rehearsal, ["ia3", "prefix_tuning"], chats)
+    assert all(r["step_seconds"] > 0 and 0 < r["percent"] < 5 for r in timed)
+    assert "course model" in peft_methods.where_it_runs(rehearsal)

@@ -43,7 +43,7 @@ def test_auto_without_gpu_picks_tiny_and_prints_one_banner(monkeypatch, capsys):
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid profiles: tiny, colab, auto"):
+    with pytest.raises(ValueError, match="valid profiles: tiny, colab, rehearsal, auto"):
         profiles.get_profile("large")
 
 

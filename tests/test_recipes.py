@@ -227,10 +227,12 @@ NOT_TRAINING = {
     "peft_scratch.py": ["r: int = 8, alpha: float = 16"],  # LoRALinear's defaults, as peft's
     # lesson 00's fact probe, a significance level, inference batches
     "evaluation.py": ["max_new_tokens: int = 8", "alpha: float = 0.05",
-                      "batch_size: int = 64)", "batch_size: int = 32)"],
-    # inference batches; an optimizer built only to count its state
-    "peft_methods.py": ["batch_size: int = 32)", "if p.requires_grad], lr=0.0)"],
-    "rlhf.py": ["batch_size: int = 64)", "batch_size: int = 32"],  # scoring batches
+                      "batch_size: int = 64, max_prompt_length: int | None = None",
+                      "texts: list[str], batch_size: int = 32,"],
+    # inference batches (lessons 02-05's course-model comparison); an optimizer built only to
+    # count its state
+    "peft_methods.py": ["model, tokenizer, test_chats, batch_size=32,", "if p.requires_grad], lr=0.0)"],
+    "rlhf.py": ["batch_size: int = 16) -> torch.Tensor:", "batch_size: int = 32"],  # scoring batches
     "rl_primer.py": ["max_steps: int = 50", "state, steps = 0, []"],  # lesson 09's toy corridor
     "recipes.py": ['"training.learning_rate=1e-3"'],  # a docstring
 }

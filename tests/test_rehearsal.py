@@ -13,7 +13,7 @@ import torch
 
 from course_utils import data, recipes, rehearsal
 from course_utils.models import tinyllama_config
-from course_utils.paths import NOTEBOOKS_DIR, SAMPLES_DIR
+from course_utils.paths import COURSE_MODEL_DIR, NOTEBOOKS_DIR, SAMPLES_DIR
 from course_utils.profiles import get_profile, tiny_profile
 
 # every notebook that branches on the profile, in course order (each reuses the models before it)
@@ -148,7 +148,6 @@ def test_reward_model_in_fp16_trains_under_the_grad_scaler():
 
     from course_utils import rlhf
     from course_utils.models import load_tokenizer
-    from course_utils.paths import COURSE_MODEL_DIR
 
     tokenizer = load_tokenizer(COURSE_MODEL_DIR)
     model = rlhf.load_reward_model(COURSE_MODEL_DIR, tokenizer, torch.float16)
@@ -175,7 +174,6 @@ def test_policy_evaluation_is_batched_and_bounded():
 
     from course_utils import rlhf
     from course_utils.models import load_tokenizer
-    from course_utils.paths import COURSE_MODEL_DIR
 
     tokenizer = load_tokenizer(COURSE_MODEL_DIR)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(str(COURSE_MODEL_DIR)),
