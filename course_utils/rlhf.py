@@ -516,7 +516,7 @@ def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None)
 
 @torch.no_grad()
 def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list[str],
-                    batch_size: int = 16) -> torch.Tensor:
+                    batch_size: int = 64) -> torch.Tensor:
     """The reward model's score for each (conversation ``prompt``, ``response``) pair, rendered
     with the chat template and ``<s>`` first, exactly as ``RewardTrainer`` trains on them."""
     from course_utils.chat import render_chat
@@ -534,12 +534,15 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
     return torch.cat(scores)
 
 
-def preference_scores(model, tokenizer, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of every pair's chosen and rejected reply."""
+def preference_scores(model, tokenizer, dataset, batch_size: int = 16
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every pair's chosen and rejected reply, ``batch_size`` replies per forward pass
+    (a whole held-out set of Orca pairs at once would not fit a T4)."""
     prompts = [row["prompt"] for row in dataset]
-    chosen = score_responses(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in dataset])
+    chosen = score_responses(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in dataset],
+                             batch_size)
     rejected = score_responses(model, tokenizer, prompts,
-                               [r["rejected"][0]["content"] for r in dataset])
+                               [r["rejected"][0]["content"] for r in dataset], batch_size)
     return chosen, rejected
 
 

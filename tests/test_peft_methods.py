@@ -70,7 +70,7 @@ def test_lessons_02_to_05_at_tinyllamas_scale():
     model and TinyLlama's real size say."""
     from course_utils import data, memory, peft_methods
     from course_utils.models import tinyllama_config
-    from course_utils.profiles import get_profile, tiny_profile
+    from course_utils.profiles import rehearsal_profile, tiny_profile
 
     chats = list(data.load_sft_dataset(tiny_profile(), "train"))[:4]
     rows = {r["method"]: r for r in peft_methods.scale_rows(tiny_profile(), ["full", "lora"], chats)}
@@ -79,7 +79,7 @@ def test_lessons_02_to_05_at_tinyllamas_scale():
     assert rows["full"]["trainable"] == memory.count_parameters(config)
     assert rows["lora"]["trainable"] == memory.lora_parameters(config, lora["r"], lora["target_modules"])
     assert rows["lora"]["step_seconds"] is None
-    rehearsal = get_profile("rehearsal", verbose=False)
+    rehearsal = rehearsal_profile()
     timed = peft_methods.scale_rows(rehearsal, ["ia3", "prefix_tuning"], chats)
     assert all(r["step_seconds"] > 0 and 0 < r["percent"] < 5 for r in timed)
     assert "course model" in peft_methods.where_it_runs(rehearsal)

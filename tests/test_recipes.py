@@ -232,7 +232,8 @@ NOT_TRAINING = {
     # inference batches (lessons 02-05's course-model comparison); an optimizer built only to
     # count its state
     "peft_methods.py": ["model, tokenizer, test_chats, batch_size=32,", "if p.requires_grad], lr=0.0)"],
-    "rlhf.py": ["batch_size: int = 16) -> torch.Tensor:", "batch_size: int = 32"],  # scoring batches
+    "rlhf.py": ["batch_size: int = 64) -> torch.Tensor:", "batch_size: int = 32",  # scoring batches
+                "def preference_scores(model, tokenizer, dataset, batch_size: int = 16"],
     "rl_primer.py": ["max_steps: int = 50", "state, steps = 0, []"],  # lesson 09's toy corridor
     "recipes.py": ['"training.learning_rate=1e-3"'],  # a docstring
 }

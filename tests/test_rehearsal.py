@@ -14,7 +14,8 @@ import torch
 from course_utils import data, recipes, rehearsal
 from course_utils.models import tinyllama_config
 from course_utils.paths import COURSE_MODEL_DIR, NOTEBOOKS_DIR, SAMPLES_DIR
-from course_utils.profiles import get_profile, tiny_profile
+from course_utils.profiles import rehearsal_profile as make_rehearsal_profile
+from course_utils.profiles import tiny_profile
 
 # every notebook that branches on the profile, in course order (each reuses the models before it)
 REHEARSED = ["07_qlora_sft", "08_reward_modeling", "09_ppo_rlhf", "10_dpo", "11_evaluation"]
@@ -27,7 +28,7 @@ def rehearsal_profile(tmp_path_factory):
     from course_utils import paths
 
     patch.setattr(paths, "ARTIFACTS_DIR", tmp_path_factory.mktemp("rehearsal-artifacts"))
-    yield get_profile("rehearsal", verbose=False)
+    yield make_rehearsal_profile()
     patch.undo()
 
 
