@@ -50,7 +50,7 @@ def read_jsonl(path):
 # build in artifacts/, so they run in order on one worker; 00-06 are independent of them; each test
 # module stays on one worker, so its module-scoped fixtures are built once.
 def pytest_collection_modifyitems(config, items):
-    if not config.getvalue("loadgroup"):
+    if not config.getoption("loadgroup", default=False):  # set in xdist workers only
         return
     for item in items:
         path = Path(str(item.path))
