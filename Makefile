@@ -30,10 +30,8 @@ $(STAMP): requirements.txt pyproject.toml
 run: $(STAMP)
 	$(OFFLINE) COURSE_PROFILE=$(subst auto,,$(PROFILE)) $(PY) -m course_utils.run_notebooks
 
-# Two workers: the lessons first (07-11 in order on one worker: they share artifacts/models), then
-# the test modules, each on one worker (tests/conftest.py assigns the groups).
 test: $(STAMP)
-	$(OFFLINE) COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest notebooks tests --nbmake --nbmake-timeout=900 -n 2 --dist loadgroup --no-loadscope-reorder
+	$(OFFLINE) COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

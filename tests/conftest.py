@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -45,22 +44,3 @@ def read_jsonl(path):
     with open(path, encoding="utf-8") as file:
         return [json.loads(line) for line in file]
 
-
-# `make test` runs two workers (pytest-xdist, --dist loadgroup). Lessons 07-11 share the models they
-# build in artifacts/, so they run in order on one worker; 00-06 are independent of them; each test
-# module stays on one worker, so its module-scoped fixtures are built once.
-def pytest_collection_modifyitems(config, items):
-    if not config.getoption("loadgroup", default=False):  # set in xdist workers only
-        return
-    for item in items:
-        path = Path(str(item.path))
-        if path.suffix == ".ipynb":
-            group = "lessons-07-11" if path.name[:2] >= "07" else "lessons-00-06"
-        else:
-            group = path.stem
-        if "@" not in item.nodeid:
-            # what xdist does for an xdist_group mark (the group after "@" in the test's id), in
-            # the form pytest 9 stores ids; xdist 3.8 still writes the attribute pytest 8 used
-            from _pytest.nodeid import NodeId
-
-            item._id = NodeId.parse(f"{item.nodeid}@{group}")
