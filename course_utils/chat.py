@@ -104,22 +104,20 @@ def assistant_only_labels(tokenizer, messages: list[dict]) -> tuple[list[int], l
 
 
 @contextmanager
+def _tokenizer_side(tokenizer, attribute: str, side: str):
+    previous = getattr(tokenizer, attribute)
+    setattr(tokenizer, attribute, side)
+    try:
+        yield tokenizer
+    finally:
+        setattr(tokenizer, attribute, previous)
+
+
 def padding_side(tokenizer, side: str):
     """Pad on ``side`` ("left" to generate, "right" to score) inside the block, then restore."""
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = side
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.padding_side = previous
+    return _tokenizer_side(tokenizer, "padding_side", side)
 
 
-@contextmanager
 def truncation_side(tokenizer, side: str):
     """Truncate on ``side`` ("left" keeps a prompt's end, where the question is) inside the block."""
-    previous = tokenizer.truncation_side
-    tokenizer.truncation_side = side
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.truncation_side = previous
+    return _tokenizer_side(tokenizer, "truncation_side", side)
