@@ -131,15 +131,13 @@ def course_phases() -> list[Phase]:
     # lesson 07: QLoRA SFT, then the same with loss on all tokens, then merge and compare
     t = sft.training
     length = t["max_length"]
-    sft_tokens = t["max_steps"] * t["per_device_train_batch_size"] * t[
-        "gradient_accumulation_steps"] * length
     sft_lora = lora_count(sft)
     # trl keeps a 4-bit model's adapters in bf16 (2 + 2 bytes); paged AdamW 32-bit: 8 bytes of state
     sft_train = dict(trainable=sft_lora, bytes_per_trainable=2 + 2 + 8,
                      activations=_activations(config, t["per_device_train_batch_size"], length,
                                               t["gradient_checkpointing"]),
                      logits=_logits(config, t["per_device_train_batch_size"], length),
-                     seconds=training_seconds(sft_tokens, t["gradient_checkpointing"]))
+                     seconds=60 * rebuild_minutes("sft"))
     chat_eval = (forward_seconds(chat["eval_examples"] * chat["max_length"])
                  + generation_seconds(chat["eval_examples"], chat["batch_size"],
                                       chat["max_new_tokens"], chat["max_length"]))
@@ -167,10 +165,6 @@ def course_phases() -> list[Phase]:
     # lesson 09: the course PPO (fp16 policy with LoRA; reference = adapter off), twice; GRPO
     t = ppo.training
     sequence = t["max_prompt_length"] + t["max_new_tokens"]
-    ppo_step_seconds = (generation_seconds(t["batch_size"], t["batch_size"], t["max_new_tokens"],
-                                           t["max_prompt_length"])
-                        + 3 * forward_seconds(t["batch_size"] * sequence)  # old, reference, reward
-                        + t["ppo_epochs"] * training_seconds(t["batch_size"] * sequence, False))
     ppo_lora = lora_count(ppo)
     policy_eval = generation_seconds(policy["max_prompts"], policy["batch_size"],
                                      policy["max_new_tokens"], policy["max_prompt_length"]) \
@@ -180,11 +174,11 @@ def course_phases() -> list[Phase]:
                       activations=_activations(config, t["minibatch_size"], sequence, False),
                       logits=t["minibatch_size"] * sequence * config.vocab_size * (2 + 4 + 4))
     phases.append(Phase("09", "PPO", (("fp16 reward model", rm), ("fp16 policy", fp16)),
-                        seconds=t["steps"] * ppo_step_seconds + 2 * policy_eval, **ppo_memory))
+                        seconds=60 * rebuild_minutes("ppo") + 2 * policy_eval, **ppo_memory))
     phases.append(Phase("09", "PPO without the KL penalty (the PPO policy kept)",
                         (("fp16 reward model", rm), ("fp16 PPO policy", fp16),
                          ("fp16 no-KL policy", fp16)),
-                        seconds=t["steps"] * ppo_step_seconds + policy_eval, **ppo_memory))
+                        seconds=60 * rebuild_minutes("ppo") + policy_eval, **ppo_memory))
     g = grpo.training
     completions = g["per_device_train_batch_size"]
     grpo_sequence = t["max_prompt_length"] + g["max_completion_length"]
