@@ -30,8 +30,10 @@ $(STAMP): requirements.txt pyproject.toml
 run: $(STAMP)
 	$(OFFLINE) COURSE_PROFILE=$(subst auto,,$(PROFILE)) $(PY) -m course_utils.run_notebooks
 
+# Two workers, one thread each (tests/conftest.py): the lessons first, 07-11 in order on one worker
+# (they share artifacts/models), then the test modules, each on one worker.
 test: $(STAMP)
-	$(OFFLINE) COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=900
+	$(OFFLINE) OMP_NUM_THREADS=1 COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest notebooks tests --nbmake --nbmake-timeout=900 -n 2 --dist loadgroup --no-loadscope-reorder
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

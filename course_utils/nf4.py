@@ -243,7 +243,8 @@ def build_nf4_code(offset: float | None = None) -> torch.Tensor:
     return (values / values.max()).float()
 
 
-def _check_input(x: torch.Tensor, blocksize: int) -> None:
+def check_4bit_input(x: torch.Tensor, blocksize: int) -> None:
+    """Refuse what bitsandbytes' ``quantize_4bit`` refuses, with a message that says what to do."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in INPUT_DTYPES:
@@ -318,7 +319,7 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     Equals ``bitsandbytes.functional.quantize_4bit(x, blocksize=blocksize, quant_type="nf4")``:
     the same bytes in ``packed`` and the same ``state.absmax``.
     """
-    _check_input(x, blocksize)
+    check_4bit_input(x, blocksize)
     indices, absmax = quantize_blockwise_codebook(x, NF4_CODE.to(x.device), blocksize)
     return pack_nibbles(indices, pad_index=NF4_ZERO_INDEX), absmax
 

@@ -28,13 +28,13 @@ METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lor
 
 
 
-def methods_recipe():
+def methods_recipe(profile=None):
     """Lessons 02-05's settings: ``configs/recipes/tiny/peft_methods.yaml`` (steps, batch size, a
-    learning rate per method, each method's config). These lessons use the course model on every
-    profile, hence always the ``tiny`` recipe."""
+    learning rate per method, each method's config). These lessons train the course model on every
+    profile, hence always the ``tiny`` recipe; the rehearsal caps its step counts."""
     from course_utils.recipes import load_recipe
 
-    return load_recipe("peft_methods", "tiny")
+    return load_recipe("peft_methods", profile or "tiny")
 
 
 def peft_config(name: str, config, recipe=None):

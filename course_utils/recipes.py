@@ -266,8 +266,11 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
     import yaml
 
     profile_name = getattr(profile, "name", profile)
-    # the rehearsal runs colab's recipes, with counts capped
+    # lessons that train the course model on every profile have tiny's recipe only; the rehearsal
+    # runs colab's recipes; both with the rehearsal's counts capped
     file_profile = "colab" if profile_name == REHEARSAL else profile_name
+    if stage in COURSE_MODEL_STAGES:
+        file_profile = "tiny"
     if stage not in SCHEMA:
         raise RecipeError(f"unknown stage {stage!r}; recipes exist for {', '.join(SCHEMA)}")
     path = Path(path) if path is not None else recipe_path(stage, file_profile)
@@ -292,6 +295,9 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
 
 
 REHEARSAL = "rehearsal"
+#: stages that train the course model on every profile (lesson 00's tour, lessons 02-05), so only
+#: ``tiny`` has their recipe
+COURSE_MODEL_STAGES = {"tour", "peft_methods"}
 
 
 def rehearsal_caps() -> dict:

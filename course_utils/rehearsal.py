@@ -35,7 +35,7 @@ REHEARSAL_DATA_DIR = SAMPLES_DIR / "rehearsal"
 STANDIN_SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "head_dim": 8}
 STANDIN_SEED = 0
 #: the recipe keys a rehearsal cap may change: counts of steps and examples, nothing else
-CAPPABLE_KEYS = {"training": {"max_steps", "steps", "warmup_steps", "logging_steps",
+CAPPABLE_KEYS = {"training": {"max_steps", "steps", "sweep_steps", "warmup_steps", "logging_steps",
                               "gradient_accumulation_steps", "ppo_epochs"},
                  "chat": {"eval_examples"}, "benchmark": {"mc_examples"},
                  "policy": {"samples_per_prompt", "max_prompts"}}

@@ -10,11 +10,22 @@ import json
 
 import pytest
 
-from course_utils import peft_scratch, rlhf
+from course_utils import nf4, peft_scratch, rlhf
 from course_utils.paths import NOTEBOOKS_DIR
 
 TAUGHT_IN_CELLS = [
     ("02_peft_and_adapters", peft_scratch.BottleneckAdapter),
+    ("04_lora", peft_scratch.LoRALinear),
+    ("05_ia3", peft_scratch.IA3Linear),
+    *[("06_nf4_quantization", f) for f in (
+        nf4.nf4_offset, nf4.build_nf4_code, nf4.block_absmax, nf4.nearest_code,
+        nf4.quantize_blockwise_codebook, nf4.pack_nibbles, nf4.quantize_nf4, nf4.unpack_nibbles,
+        nf4.dequantize_blockwise_codebook, nf4.dequantize_nf4)],
+    ("08_reward_modeling", rlhf.bradley_terry_loss),
+    ("09_ppo_rlhf", rlhf.masked_mean),
+    ("09_ppo_rlhf", rlhf.ppo_policy_loss),
+    ("09_ppo_rlhf", rlhf.kl_shaped_rewards),
+    ("09_ppo_rlhf", rlhf.gae),
     ("09_ppo_rlhf", rlhf.ppo_step),
     ("10_dpo", rlhf.sequence_logprobs),
     ("10_dpo", rlhf.dpo_loss),

@@ -128,8 +128,8 @@ def test_invalid_yaml_and_a_missing_file_are_clear_errors(tmp_path):
         load_recipe("dpo", "tiny", path=path)
     with pytest.raises(RecipeError, match="no recipe file at"):
         load_recipe("dpo", "tiny", path=tmp_path / "absent.yaml")
-    with pytest.raises(RecipeError, match="no recipe file at .*colab/peft_methods.yaml"):
-        load_recipe("peft_methods", "colab")
+    # lessons 00 and 02-05 train the course model on every profile: tiny's recipe serves them all
+    assert load_recipe("peft_methods", "colab").path == load_recipe("peft_methods", "tiny").path
     with pytest.raises(RecipeError, match="unknown stage 'ppo2'"):
         load_recipe("ppo2", "tiny")
 
@@ -214,7 +214,8 @@ NOT_TRAINING = {
     "04_lora.ipynb": ["LoRALinear(copy.deepcopy(layer), r=8, alpha=16)",
                       'LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"])',
                       "rank (alpha = 2r)", '"LoRA r=8": rank_sweep[8]', '"DoRA r=4": lora_run(4',
-                      '"rslora_r8_accuracy"', '"dora_r4_accuracy"'],
+                      '"rslora_r8_accuracy"', '"dora_r4_accuracy"',
+                      "r: int = 8, alpha: float = 16"],  # LoRALinear, written in the lesson
     # memory figures
     "06_nf4_quantization.ipynb": ["memory.lora_parameters(config, r=64",
                                   "QLoRA r=64 on all projections",
