@@ -33,7 +33,7 @@ run: $(STAMP)
 # Two workers, one thread each (tests/conftest.py): the lessons first, 07-11 in order on one worker
 # (they share artifacts/models), then the test modules, each on one worker.
 test: $(STAMP)
-	$(OFFLINE) OMP_NUM_THREADS=1 COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest notebooks tests --nbmake --nbmake-timeout=900 -n 2 --dist loadgroup --no-loadscope-reorder
+	$(OFFLINE) OMP_NUM_THREADS=1 COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest notebooks tests --nbmake --nbmake-timeout=900 -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -16,7 +16,6 @@ Modules, each named for what it holds:
 - ``metrics``: each notebook's ``metrics.json`` and the summary table.
 - ``run_notebooks``: ``make run``, every notebook in order with papermill.
 - ``colab``: the Colab badge and install cell every notebook opens with.
-- ``notebooks``: write clean notebooks from lists of cells.
 - ``exercises``: generate ``exercises/`` from ``solutions/`` (``make exercises``).
 - ``grade`` and ``grading``: the autograder and the checks graded cells call.
 """

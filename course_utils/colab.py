@@ -1,7 +1,7 @@
 """The fixed opening of every notebook: the Colab badge and the Colab-only install cell.
 
 Each notebook carries a copy of ``INSTALL_CELL`` as its second cell (Colab must run it before
-``course_utils`` exists, so it cannot be imported); ``tests/test_notebooks_structure.py`` fails
+``course_utils`` exists, so it cannot be imported); ``tests/test_repository.py`` fails
 when a copy drifts from this source, and ``python -m course_utils.colab`` rewrites the copies.
 A fork runs ``python -m course_utils.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
 setting, and ``set_repository`` rewrites it and every copy of it (badges, install cells, README).

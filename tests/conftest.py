@@ -55,13 +55,26 @@ def read_jsonl(path):
 # build in artifacts/, so they run in order on one worker; 00-06 are independent of them and of each
 # other; each test module stays on one worker, so its module-scoped fixtures are built once, except
 # tests marked `spread`, which get a group of their own.
+def in_the_lesson_chain(path: Path) -> bool:
+    return path.suffix == ".ipynb" and path.name[:2] >= "07"
+
+
+def start_order(item) -> int:
+    """The longest runs start first, so that neither worker is left with one at the end: lessons
+    07-11, then their rehearsal, then everything else in collection order."""
+    if in_the_lesson_chain(Path(str(item.path))):
+        return 0
+    return 1 if "07_to_11" in item.name else 2
+
+
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("loadgroup", default=False):  # set in xdist workers only
         return
+    items.sort(key=start_order)
     for item in items:
         path = Path(str(item.path))
         if path.suffix == ".ipynb":
-            group = "lessons-07-11" if path.name[:2] >= "07" else path.stem
+            group = "lessons-07-11" if in_the_lesson_chain(path) else path.stem
         elif item.get_closest_marker("spread"):
             group = item.name
         else:

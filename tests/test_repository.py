@@ -193,19 +193,6 @@ def test_make_test_checks_the_lessons_claims_strictly():
     assert "COURSE_STRICT_CLAIMS=1" in test_recipe and "--nbmake" in test_recipe
 
 
-def test_write_notebook_produces_the_fixed_opening(tmp_path):
-    from course_utils.notebooks import write_notebook
-
-    path = write_notebook(tmp_path / "99_x.ipynb", [("md", "# 99 · X"), ("params", 'PROFILE = "auto"'),
-                                                     ("code", "x = 1", {"course": {"hint": "h"}})])
-    cells = load(path)["cells"]
-    assert [c["cell_type"] for c in cells] == ["markdown", "code", "code", "code"]
-    assert "".join(cells[1]["source"]) == INSTALL_CELL
-    assert cells[2]["metadata"]["tags"] == ["parameters"]
-    assert cells[3]["metadata"] == {"course": {"hint": "h"}}
-    assert all(c.get("outputs", []) == [] for c in cells)
-
-
 GITHUB_PATH = re.compile(r"(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+)")
 
 
