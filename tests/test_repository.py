@@ -77,6 +77,13 @@ def test_notebook_is_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_cell_has_a_unique_id(path):
+    """nbformat 4.5 requires cell ids (Jupyter warns, and will refuse, without them)."""
+    ids = [cell.get("id") for cell in load(path)["cells"]]
+    assert all(ids) and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_notebook_has_the_fixed_opening(path):
     cells = load(path)["cells"]
     title = "".join(cells[0]["source"])
