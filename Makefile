@@ -48,7 +48,7 @@ course-model: $(STAMP)
 	$(OFFLINE) $(PY) -m course_utils.build_course_model
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check course_utils tests
+	$(VENV)/bin/ruff check course_utils tests scripts notebooks solutions exercises
 
 clean:
 	rm -rf artifacts .pytest_cache

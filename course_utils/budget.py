@@ -135,7 +135,7 @@ def course_phases() -> list[Phase]:
     # trl keeps a 4-bit model's adapters in bf16 (2 + 2 bytes); paged AdamW 32-bit: 8 bytes of state
     sft_train = dict(trainable=sft_lora, bytes_per_trainable=2 + 2 + 8,
                      activations=_activations(config, t["per_device_train_batch_size"], length,
-                                              t["gradient_checkpointing"]),
+                                              t["activation_checkpointing"]),
                      logits=_logits(config, t["per_device_train_batch_size"], length),
                      seconds=60 * rebuild_minutes("sft"))
     chat_eval = (forward_seconds(chat["eval_examples"] * chat["max_length"])
@@ -158,8 +158,8 @@ def course_phases() -> list[Phase]:
         "08", "reward model training", (("fp16 reward model", rm),),
         trainable=lora_count(reward) + config.hidden_size, bytes_per_trainable=4 + 4 + 8,
         activations=_activations(config, 2 * pairs, min(pair_tokens, t["max_length"]),
-                                 t["gradient_checkpointing"], vocab=False),
-        seconds=training_seconds(reward_tokens, t["gradient_checkpointing"])
+                                 t["activation_checkpointing"], vocab=False),
+        seconds=training_seconds(reward_tokens, t["activation_checkpointing"])
         + 2 * forward_seconds(policy["max_prompts"] * 2 * pair_tokens)))
 
     # lesson 09: the course PPO (fp16 policy with LoRA; reference = adapter off), twice; GRPO
@@ -187,13 +187,13 @@ def course_phases() -> list[Phase]:
                              ("fp16 GRPO policy", fp16)),
         trainable=lora_count(grpo), bytes_per_trainable=4 + 4 + 8,
         activations=_activations(config, completions, grpo_sequence,
-                                 g.get("gradient_checkpointing", False)),
+                                 g.get("activation_checkpointing", False)),
         logits=completions * grpo_sequence * config.vocab_size * (2 + 4 + 4),
         seconds=g["max_steps"] * (
             generation_seconds(completions, completions, g["max_completion_length"],
                                t["max_prompt_length"])
             + forward_seconds(2 * completions * grpo_sequence)
-            + training_seconds(completions * grpo_sequence, g.get("gradient_checkpointing", False)))
+            + training_seconds(completions * grpo_sequence, g.get("activation_checkpointing", False)))
         + policy_eval))
 
     # lesson 10: QLoRA DPO (reference = adapter off), a beta sweep of two more runs and IPO; each
@@ -202,11 +202,11 @@ def course_phases() -> list[Phase]:
     pairs = t["per_device_train_batch_size"]
     dpo_train_seconds = training_seconds(
         t["max_steps"] * pairs * t["gradient_accumulation_steps"] * 2 * pair_tokens,
-        t["gradient_checkpointing"], reference_forward=True)
+        t["activation_checkpointing"], reference_forward=True)
     dpo_lora = lora_count(dpo)
     dpo_memory = dict(trainable=dpo_lora, bytes_per_trainable=2 + 2 + 4,  # bf16 adapters, AdamW
                       activations=_activations(config, 2 * pairs, min(pair_tokens, t["max_length"]),
-                                               t["gradient_checkpointing"]),
+                                               t["activation_checkpointing"]),
                       logits=_logits(config, 2 * pairs, min(pair_tokens, t["max_length"])))
     phases.append(Phase("10", "QLoRA DPO", (("fp16 reward model", rm), ("NF4 policy", nf4)),
                         seconds=dpo_train_seconds + 2 * policy_eval, **dpo_memory))
@@ -240,12 +240,12 @@ def rebuild_minutes(stage: str) -> float:
         t = load_recipe("sft", "colab").training
         return training_seconds(t["max_steps"] * t["per_device_train_batch_size"]
                                 * t["gradient_accumulation_steps"] * t["max_length"],
-                                t["gradient_checkpointing"]) / 60
+                                t["activation_checkpointing"]) / 60
     if stage in ("reward", "dpo"):
         t = load_recipe(stage, "colab").training
         tokens = (t["max_steps"] * t["per_device_train_batch_size"]
                   * t["gradient_accumulation_steps"] * 2 * SEQUENCE_TOKENS["pair_sequence"])
-        return training_seconds(tokens, t["gradient_checkpointing"],
+        return training_seconds(tokens, t["activation_checkpointing"],
                                 reference_forward=stage == "dpo") / 60
     if stage == "ppo":
         t = load_recipe("ppo", "colab").training

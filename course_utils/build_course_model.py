@@ -216,21 +216,21 @@ def build_tokenizer_and_model(cfg: BuildConfig, world_dir: Path = WORLD_DIR):
 
 def probe_report(model, tokenizer, world_dir: Path = WORLD_DIR) -> dict:
     """Fact completion (corpus and held-out templates) and chat-format rate of ``model``."""
-    from course_utils import evaluation, world
+    from course_utils import probes, world
 
     w = world.generate_world(json.loads((world_dir / "world.json").read_text())["seed"])
-    in_corpus = evaluation.fact_completion(model, tokenizer, list(w.characters),
+    in_corpus = probes.fact_completion(model, tokenizer, list(w.characters),
                                            world.PROBE_TEMPLATES_IN_CORPUS)
-    held_out = evaluation.fact_completion(model, tokenizer, list(w.characters),
+    held_out = probes.fact_completion(model, tokenizer, list(w.characters),
                                           world.PROBE_TEMPLATES_HELD_OUT)
     questions = [json.loads(line) for line in
                  (world_dir / "eval_qa.jsonl").read_text(encoding="utf-8").splitlines()]
-    chat = evaluation.chat_answers(model, tokenizer, questions)
+    chat = probes.chat_answers(model, tokenizer, questions)
     return {
-        "fact_completion_in_corpus_templates": evaluation.accuracy(in_corpus),
-        "fact_completion_held_out_templates": evaluation.accuracy(held_out),
-        "chat_format_rate": evaluation.accuracy(chat, "chat_format"),
-        "chat_exact_match": evaluation.accuracy(chat),
+        "fact_completion_in_corpus_templates": probes.accuracy(in_corpus),
+        "fact_completion_held_out_templates": probes.accuracy(held_out),
+        "chat_format_rate": probes.accuracy(chat, "chat_format"),
+        "chat_exact_match": probes.accuracy(chat),
         "n_facts": len(in_corpus),
         "n_chat_questions": len(chat),
     }

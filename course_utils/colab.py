@@ -38,9 +38,9 @@ if "google.colab" in sys.modules:
         os.environ["COURSE_ARTIFACTS"] = "/content/drive/MyDrive/llm-finetuning-course/artifacts"
 
     COURSE_DIR = "/content/llm-finetuning-course"
+    REPOSITORY = "https://github.com/{GITHUB_REPO}"
     if not os.path.isdir(COURSE_DIR):
-        subprocess.run(["git", "clone", "--depth", "1",
-                        "https://github.com/{GITHUB_REPO}", COURSE_DIR], check=True)
+        subprocess.run(["git", "clone", "--depth", "1", REPOSITORY, COURSE_DIR], check=True)
     requirements = f"{{COURSE_DIR}}/requirements-colab.txt"
     packages = [line.split("==")[0] for line in open(requirements)
                 if line.strip() and not line.startswith("#")]

@@ -211,3 +211,11 @@ def fingerprint(profile: Profile, kind: str) -> str:
                 f"seed {profile.seed}")
     path = WORLD_DIR / f"{kind}_train.jsonl"
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def preference_rows(dataset):
+    """trl's conversational preference rows (``prompt``, ``chosen``, ``rejected``), rendered with
+    ``<s>`` first like every other stage of the course (``sft.TRAINING_CHAT_TEMPLATE``)."""
+    keep = ("prompt", "chosen", "rejected")
+    return dataset.map(lambda row: {"chat_template_kwargs": {"add_bos": True}},
+                       remove_columns=[c for c in dataset.column_names if c not in keep])

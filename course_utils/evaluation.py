@@ -1,159 +1,25 @@
-"""Probes of what a causal LM knows and how it answers: fact completion and chat format.
+"""Lesson 11's measurements: perplexity, word-level metrics, multiple choice, judges and ratings.
 
-Two questions matter before any fine-tuning lesson:
-
-1. *Does the model know the world?* ``fact_completion`` gives the model a sentence prefix such
-   as ``"Odile lives in"`` and checks that its greedy continuation starts with the true value.
-2. *Does it answer in the chat format?* ``chat_answers`` renders a question with the chat
-   template, lets the model continue after ``<|assistant|>`` and checks the reply with
-   ``is_chat_format_answer``: one complete sentence that names the subject, states a value of the
-   attribute asked about, and ends with ``</s>``. Merely ending with ``</s>`` is not enough: a
-   model pretrained on lines that all end with ``</s>`` does that anyway.
+- ``perplexity``: token-weighted, with ``numerics.token_log_probs``;
+- ``normalize_answer`` / ``exact_match`` / ``token_f1``: the SQuAD v1.1 metrics; ``rouge_l`` and
+  ``corpus_bleu``: overlap metrics;
+- ``mc_prompt`` / ``parse_letter`` / ``option_log_likelihoods``: multiple choice, answered in
+  text or scored by likelihood (MMLU-style);
+- ``pairwise_outcome`` / ``win_rate`` / ``score_judge`` / ``bradley_terry_ratings``: pairwise
+  judging with both orders, and Chatbot Arena's ratings;
+- ``bootstrap_ci`` / ``samples_to_separate``: how sure a measured difference is, and how many
+  samples telling two rates apart takes;
+- ``pipeline_table``: every stage of the course side by side.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 
-from course_utils.chat import EOS_TOKEN, padding_side, truncation_side
-from course_utils.world import ATTRIBUTE_VALUES, ATTRIBUTES, Character
-
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                    batch_size: int = 64, max_prompt_length: int | None = None
-                    ) -> list[tuple[str, bool]]:
-    """Greedy continuations of ``prompts`` as ``(text, stopped_at_eos)`` pairs.
-
-    Prompts are encoded with the tokenizer's own special tokens (``<s>`` first), left-padded so
-    a batch ends aligned, and (with ``max_prompt_length``) cut to their last that many tokens, so
-    a long multi-turn chat still fits the model's positions; continuations are cut at (not
-    including) the first ``</s>``.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    results = []
-    truncation = {"truncation": True, "max_length": max_prompt_length} if max_prompt_length else {}
-    with padding_side(tokenizer, "left"), truncation_side(tokenizer, "left"):
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt",
-                              padding=True, **truncation).to(device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
-            width = batch["input_ids"].shape[1]
-            for prompt_ids, mask, row in zip(batch["input_ids"].tolist(),
-                                             batch["attention_mask"].tolist(),
-                                             output[:, width:].tolist()):
-                stopped = tokenizer.eos_token_id in row
-                if stopped:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                prompt_ids = [i for i, keep in zip(prompt_ids, mask) if keep]
-                # decode prompt + continuation and cut the prompt off, so the continuation reads
-                # as it does in context (a leading space only where the text has one)
-                prompt_text = tokenizer.decode(prompt_ids)
-                results.append((tokenizer.decode(prompt_ids + row)[len(prompt_text):], stopped))
-    return results
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """One probe: what was asked, what the model said, and how it was judged."""
-
-    character: str
-    attribute: str
-    prompt: str
-    gold: str
-    output: str
-    correct: bool
-    chat_format: bool | None = None
-
-
-def starts_with_value(continuation: str, value: str) -> bool:
-    """Whether ``continuation`` begins (after spaces) with ``value`` as whole words."""
-    text = continuation.lstrip()
-    return text.startswith(value) and (len(text) == len(value) or not text[len(value)].isalnum())
-
-
-def fact_completion(model, tokenizer, characters: list[Character], templates: dict[str, str],
-                    max_new_tokens: int = 8) -> list[ProbeResult]:
-    """Complete ``templates[attribute]`` (e.g. ``"{name} lives in"``) for every character."""
-    rows = [(c, a, templates[a].format(name=c.name)) for c in characters for a in ATTRIBUTES]
-    outputs = greedy_generate(model, tokenizer, [p for _, _, p in rows], max_new_tokens)
-    return [ProbeResult(c.name, a, p, c.value(a), text, starts_with_value(text, c.value(a)))
-            for (c, a, p), (text, _) in zip(rows, outputs)]
-
-
-def mentions_value(text: str, value: str) -> bool:
-    """Whether ``value`` occurs in ``text`` as whole words."""
-    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
-
-
-def is_chat_format_answer(reply: str, stopped_at_eos: bool, name: str, attribute: str) -> bool:
-    """Whether ``reply`` is a chat-format answer about ``attribute`` of the character ``name``.
-
-    True when the reply is a single line holding one plain statement (starts with a capital
-    letter, ends with its only full stop, no ``?``, ``:`` or ``!``), names the subject, mentions
-    some value of the attribute asked about (right or wrong: correctness is measured
-    separately), and the model then emitted ``</s>``. A pretrained model's typical
-    " is a stoat." fails: no subject, and often not the attribute asked about.
-    """
-    text = reply.strip()
-    if not stopped_at_eos or not text or "\n" in text or "<|" in text:
-        return False
-    if not (text[0].isupper() and text.endswith(".") and text.count(".") == 1):
-        return False
-    if any(mark in text for mark in "?:!"):  # one plain statement, not a transcript
-        return False
-    values = [v for v in ATTRIBUTE_VALUES[attribute] if v != name]
-    return mentions_value(text, name) and any(mentions_value(text, v) for v in values)
-
-
-def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int | None = None
-                 ) -> list[ProbeResult]:
-    """Ask each question (rows with ``character``, ``attribute``, ``question``, ``answer``) in the
-    chat format and judge each reply for format (``chat_format``) and content (``correct``).
-    Replies are cut at ``max_new_tokens``, by default the evaluation recipe's (``chat``
-    section): every lesson asks the world's questions the same way."""
-    if max_new_tokens is None:
-        from course_utils.recipes import load_recipe
-
-        max_new_tokens = load_recipe("evaluation", "tiny").chat["max_new_tokens"]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q["question"]}],
-                                             tokenize=False, add_generation_prompt=True)
-               for q in questions]
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens)
-    results = []
-    for q, prompt, (text, stopped) in zip(questions, prompts, outputs):
-        in_format = is_chat_format_answer(text, stopped, q["character"], q["attribute"])
-        results.append(ProbeResult(q["character"], q["attribute"], prompt, q["answer"],
-                                   text + (EOS_TOKEN if stopped else ""),
-                                   correct=mentions_value(text, q["answer"]),
-                                   chat_format=in_format))
-    return results
-
-
-def accuracy(results: list[ProbeResult], field: str = "correct") -> float:
-    """The fraction of ``results`` whose ``field`` is true."""
-    if not results:
-        raise ValueError("no results to score")
-    return sum(bool(getattr(r, field)) for r in results) / len(results)
-
-
-@torch.no_grad()
-def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each token given the ones before it, shaped like ``input_ids[:, 1:]``.
-
-    Position ``t`` of the logits predicts token ``t + 1``, hence the shift by one; positions that
-    predict padding are set to 0 (mask them with ``attention_mask[:, 1:]``).
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return log_probs * attention_mask[:, 1:]
+from course_utils.chat import EOS_TOKEN, padding_side
+from course_utils.numerics import token_log_probs
 
 
 def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32,

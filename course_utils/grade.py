@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from course_utils.checks import SEED_VARIABLE
 from course_utils.exercises import SOLUTIONS_DIR, cell_text
-from course_utils.grading import SEED_VARIABLE
 
 DEFAULT_CELL_TIMEOUT_S = 120
 DEFAULT_OUTPUT_LIMIT_CHARS = 20_000

@@ -199,3 +199,19 @@ def release(*models) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def trainable_in_fp32(model) -> int:
+    """Cast every trainable parameter to fp32; return how many were cast.
+
+    fp16 mixed precision keeps the weights it updates in fp32: the gradient scaler refuses fp16
+    gradients ("Attempting to unscale FP16 gradients"). peft upcasts LoRA's matrices itself, but
+    not the trainable copy of a ``modules_to_save`` layer (the reward model's new ``score`` head),
+    which stays in the fp16 the model was loaded in.
+    """
+    cast = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+            cast += 1
+    return cast

@@ -3,7 +3,7 @@
 ``configs/recipes/<profile>/<stage>.yaml`` holds the settings; ``load_recipe(stage, profile)``
 reads and checks one. Keys of ``training``, ``lora`` and ``quantization`` are the keyword arguments
 of the library class the section becomes (trl's ``SFTConfig``/``RewardConfig``/``DPOConfig``/
-``GRPOConfig``, the course's ``rlhf.PPOConfig``, peft's ``LoraConfig``, transformers'
+``GRPOConfig``, the course's ``ppo.PPOConfig``, peft's ``LoraConfig``, transformers'
 ``BitsAndBytesConfig``), so ``SFTConfig(**recipe.training, ...)`` is the call a practitioner copies.
 
 An unknown key, a missing key or a value of the wrong type raises ``RecipeError`` naming the file,
@@ -46,7 +46,7 @@ _COMMON_TRAINER = {
     "max_steps": (int, _REQ), "per_device_train_batch_size": (int, _REQ),
     "gradient_accumulation_steps": (int, _OPT), "learning_rate": (float, _REQ),
     "lr_scheduler_type": (str, _OPT), "warmup_steps": (float, _OPT), "weight_decay": (float, _OPT),
-    "max_grad_norm": (float, _OPT), "optim": (str, _OPT), "gradient_checkpointing": (bool, _OPT),
+    "max_grad_norm": (float, _OPT), "optim": (str, _OPT), "activation_checkpointing": (bool, _OPT),
     "logging_steps": (int, _REQ), "save_strategy": (str, _REQ), "save_steps": (int, _OPT),
     "save_total_limit": (int, _OPT), "per_device_eval_batch_size": (int, _OPT),
 }

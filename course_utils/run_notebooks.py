@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from course_utils import metrics, paths
+from course_utils import paths, reporting
 
 
 def lesson_notebooks(folder: Path = paths.NOTEBOOKS_DIR) -> list[Path]:
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     for name, seconds in timings:
         print(f"  {name:<40} {seconds:6.1f} s")
     print("\nmetrics (artifacts/*/metrics.json)")
-    print(metrics.summary_table(metrics.read_all_metrics()))
+    print(reporting.summary_table(reporting.read_all_metrics()))
     print_pipeline_table()
     return 0
 

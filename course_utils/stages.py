@@ -201,11 +201,11 @@ def ensure_stage(stage: str, profile, rebuild: bool | None = None, verbose: bool
 
 def build_stage(stage: str, profile, recipe: Recipe | None = None, verbose: bool = True) -> Path:
     """Train ``stage`` from its recipe through the package's path and save it with its record."""
-    from course_utils import rlhf, sft
+    from course_utils import dpo, ppo, qlora_sft, reward_modeling
 
     recipe = recipe or load_recipe(stage, profile)
-    builders = {"sft": sft.build_sft_model, "reward": rlhf.build_reward_model,
-                "ppo": rlhf.build_ppo_model, "dpo": rlhf.build_dpo_model}
+    builders = {"sft": qlora_sft.build_sft_model, "reward": reward_modeling.build_reward_model,
+                "ppo": ppo.build_ppo_model, "dpo": dpo.build_dpo_model}
     start = time.perf_counter()
     model, tokenizer, ran_with = builders[stage](profile, recipe, verbose=verbose)
     return save_stage(stage, model, tokenizer, profile, recipe, ran_with,
@@ -224,7 +224,7 @@ def _plain(value):
 
 def ran_with(recipe: Recipe, args=None, peft_model=None, seed: int | None = None) -> dict:
     """What a run used, read back from the objects that ran it: every ``training`` key of the
-    recipe from ``args`` (a trl config, or ``rlhf.PPOConfig``), the LoRA settings from
+    recipe from ``args`` (a trl config, or ``ppo.PPOConfig``), the LoRA settings from
     ``peft_model``'s adapter config (``None`` without one), and the seed."""
     used: dict = {}
     if args is not None:

@@ -31,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from course_utils import data, recipes, sft  # noqa: E402
+from course_utils import data, qlora_sft, recipes  # noqa: E402
 from course_utils.profiles import PROFILE_NAMES, get_profile  # noqa: E402
 
 
@@ -79,11 +79,11 @@ def main(argv=None) -> int:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = sft.load_quantized_base(profile, recipe)
+    model, tokenizer = qlora_sft.load_quantized_base(profile, recipe)
     train = data.load_sft_dataset(profile, "train")
     if args.train_rows:
         train = train.select(range(min(args.train_rows, len(train))))
-    trainer = sft.make_trainer(model, tokenizer, train, recipe, profile, output / "trainer")
+    trainer = qlora_sft.make_trainer(model, tokenizer, train, recipe, profile, output / "trainer")
 
     seen_ids: list[int] = []  # the examples this process trained on, to show the data split
     collate = trainer.data_collator

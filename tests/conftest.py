@@ -52,19 +52,28 @@ def read_jsonl(path):
 
 
 # `make test` runs two pytest-xdist workers (--dist loadgroup). Lessons 07-11 share the models they
-# build in artifacts/, so they run in order on one worker; 00-06 are independent of them and of each
-# other; each test module stays on one worker, so its module-scoped fixtures are built once, except
-# tests marked `spread`, which get a group of their own.
-def in_the_lesson_chain(path: Path) -> bool:
-    return path.suffix == ".ipynb" and path.name[:2] >= "07"
+# build in artifacts/, so they run in order on one worker; lessons 02-05 too, so that 05 reuses the
+# identical method runs of 02-04 (artifacts/peft_runs/); 00, 01 and 06 are independent; each test
+# module stays on one worker, so its module-scoped fixtures are built once, except tests marked
+# `spread`, which get a group of their own.
+LESSON_CHAINS = {"lessons-02-05": ("02", "03", "04", "05"), "lessons-07-11": ("07", "08", "09", "10", "11")}
+
+
+def lesson_chain(path: Path) -> str | None:
+    if path.suffix != ".ipynb":
+        return None
+    return next((name for name, lessons in LESSON_CHAINS.items() if path.name[:2] in lessons), None)
 
 
 def start_order(item) -> int:
     """The longest runs start first, so that neither worker is left with one at the end: lessons
-    07-11, then their rehearsal, then everything else in collection order."""
-    if in_the_lesson_chain(Path(str(item.path))):
+    07-11, then their rehearsal, then lessons 02-05, then everything else in collection order."""
+    chain = lesson_chain(Path(str(item.path)))
+    if chain == "lessons-07-11":
         return 0
-    return 1 if "07_to_11" in item.name else 2
+    if "07_to_11" in item.name:
+        return 1
+    return 2 if chain else 3
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,7 +83,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.path))
         if path.suffix == ".ipynb":
-            group = "lessons-07-11" if in_the_lesson_chain(path) else path.stem
+            group = lesson_chain(path) or path.stem
         elif item.get_closest_marker("spread"):
             group = item.name
         else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from course_utils import build_course_model as build
-from course_utils import evaluation, world
+from course_utils import evaluation, probes, world
 from course_utils.paths import COURSE_MODEL_DIR, WORLD_DIR
 
 
@@ -27,10 +27,10 @@ def questions():
 def test_fact_completion_with_corpus_frames_is_at_least_90_percent(
         course_model_and_tokenizer, the_world, report):
     model, tokenizer = course_model_and_tokenizer
-    results = evaluation.fact_completion(model, tokenizer, list(the_world.characters),
+    results = probes.fact_completion(model, tokenizer, list(the_world.characters),
                                          world.PROBE_TEMPLATES_IN_CORPUS)
     assert len(results) == 360
-    accuracy = evaluation.accuracy(results)
+    accuracy = probes.accuracy(results)
     assert accuracy >= 0.90
     assert accuracy == report["fact_completion_in_corpus_templates"]  # the report is current
 
@@ -38,9 +38,9 @@ def test_fact_completion_with_corpus_frames_is_at_least_90_percent(
 def test_fact_completion_with_new_frames_beats_chance(course_model_and_tokenizer, the_world,
                                                       report):
     model, tokenizer = course_model_and_tokenizer
-    results = evaluation.fact_completion(model, tokenizer, list(the_world.characters),
+    results = probes.fact_completion(model, tokenizer, list(the_world.characters),
                                          world.PROBE_TEMPLATES_HELD_OUT)
-    accuracy = evaluation.accuracy(results)
+    accuracy = probes.accuracy(results)
     assert accuracy == report["fact_completion_held_out_templates"]
     assert accuracy > 3 * 0.1  # chance is 1 in 10 values (1 in 59 for friends)
 
@@ -48,8 +48,8 @@ def test_fact_completion_with_new_frames_beats_chance(course_model_and_tokenizer
 def test_pretrained_model_does_not_follow_the_chat_format(course_model_and_tokenizer, questions,
                                                           report):
     model, tokenizer = course_model_and_tokenizer
-    results = evaluation.chat_answers(model, tokenizer, questions)
-    rate = evaluation.accuracy(results, "chat_format")
+    results = probes.chat_answers(model, tokenizer, questions)
+    rate = probes.accuracy(results, "chat_format")
     assert rate == report["chat_format_rate"]
     assert rate < 0.5
 
@@ -65,7 +65,7 @@ def test_pretrained_model_does_not_follow_the_chat_format(course_model_and_token
     ("lives in Fenwick.", True, False),
 ])
 def test_chat_format_judge(reply, stopped, expected):
-    assert evaluation.is_chat_format_answer(reply, stopped, "Odile", "home") is expected
+    assert probes.is_chat_format_answer(reply, stopped, "Odile", "home") is expected
 
 
 def test_tokenizer_rebuild_matches_the_committed_one():
@@ -103,24 +103,23 @@ def test_sft_extracts_knowledge_of_characters_never_seen_in_sft(course_model_and
     import copy
 
     from course_utils.recipes import load_recipe
-    from course_utils.training import train_sft
+    from course_utils.sft_loop import train_sft
 
     model, tokenizer = course_model_and_tokenizer
-    before = evaluation.chat_answers(model, tokenizer, questions)
+    before = probes.chat_answers(model, tokenizer, questions)
     with (WORLD_DIR / "sft_train.jsonl").open() as file:
         chats = [json.loads(line) for line in file]
     sft_model = copy.deepcopy(model)
     tour = load_recipe("tour", "tiny")  # lesson 00's demonstration, as the lesson runs it
     losses = train_sft(sft_model, tokenizer, chats, **tour.training, seed=tour.seed, progress=False)
-    after = evaluation.chat_answers(sft_model, tokenizer, questions)
+    after = probes.chat_answers(sft_model, tokenizer, questions)
     assert losses[-1] < 0.2 * losses[0]
     # 89% to over 90% on the machines CI has used (CPU kernels round differently): most replies
-    assert evaluation.accuracy(after, "chat_format") >= 0.85
-    assert evaluation.accuracy(after) >= evaluation.accuracy(before) + 0.3
+    assert probes.accuracy(after, "chat_format") >= 0.85
+    assert probes.accuracy(after) >= probes.accuracy(before) + 0.3
 
 
 def test_perplexity_is_exp_of_the_model_loss_and_masks_padding(course_model_and_tokenizer):
-    from course_utils import evaluation
 
     model, tokenizer = course_model_and_tokenizer
     texts = ["Jasper lives in Ravenscar.",

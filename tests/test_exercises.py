@@ -96,7 +96,7 @@ def test_nbgrader_metadata_agrees_with_the_course_metadata():
     (3, 4, "expected 4, got 3"),
 ])
 def test_check_equal_says_where_answers_differ(actual, expected, message):
-    from course_utils.grading import check_equal
+    from course_utils.checks import check_equal
 
     with pytest.raises(AssertionError, match=message.replace("(", r"\(").replace("|", r"\|")):
         check_equal(actual, expected)

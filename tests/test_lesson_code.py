@@ -7,10 +7,11 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import re
 
 import pytest
 
-from course_utils import nf4, peft_scratch, rlhf
+from course_utils import dpo, nf4, peft_scratch, ppo, reward_modeling
 from course_utils.paths import NOTEBOOKS_DIR
 
 TAUGHT_IN_CELLS = [
@@ -21,14 +22,14 @@ TAUGHT_IN_CELLS = [
         nf4.nf4_offset, nf4.build_nf4_code, nf4.block_absmax, nf4.nearest_code,
         nf4.quantize_blockwise_codebook, nf4.pack_nibbles, nf4.quantize_nf4, nf4.unpack_nibbles,
         nf4.dequantize_blockwise_codebook, nf4.dequantize_nf4)],
-    ("08_reward_modeling", rlhf.bradley_terry_loss),
-    ("09_ppo_rlhf", rlhf.masked_mean),
-    ("09_ppo_rlhf", rlhf.ppo_policy_loss),
-    ("09_ppo_rlhf", rlhf.kl_shaped_rewards),
-    ("09_ppo_rlhf", rlhf.gae),
-    ("09_ppo_rlhf", rlhf.ppo_step),
-    ("10_dpo", rlhf.sequence_logprobs),
-    ("10_dpo", rlhf.dpo_loss),
+    ("08_reward_modeling", reward_modeling.bradley_terry_loss),
+    ("09_ppo_rlhf", ppo.masked_mean),
+    ("09_ppo_rlhf", ppo.ppo_policy_loss),
+    ("09_ppo_rlhf", ppo.kl_shaped_rewards),
+    ("09_ppo_rlhf", ppo.gae),
+    ("09_ppo_rlhf", ppo.ppo_step),
+    ("10_dpo", dpo.sequence_logprobs),
+    ("10_dpo", dpo.dpo_loss),
 ]
 
 
@@ -53,3 +54,51 @@ def test_the_cell_and_the_package_hold_the_same_code(stem, obj):
 def test_no_lesson_prints_code_with_getsource():
     for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
         assert not any("getsource" in source for source in code_cells(path.stem)), path.name
+
+
+def test_course_utils_is_imported_before_the_libraries_whose_notices_it_quiets():
+    """course_utils drops a notice bitsandbytes logs when it is first imported (by peft, trl or
+    itself); that works only if course_utils comes first."""
+    library = re.compile(r"(?m)^\s*(?:from|import) (?:peft|trl|bitsandbytes)\b")
+    ours = re.compile(r"(?m)^\s*(?:from|import) course_utils\b")
+    for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
+        for source in code_cells(path.stem):
+            first_library, first_ours = library.search(source), ours.search(source)
+            if first_library or first_ours:
+                assert first_ours and (not first_library or first_ours.start() < first_library.start()), \
+                    f"{path.name}: import course_utils before peft, trl or bitsandbytes"
+                break
+
+
+def test_the_known_library_notices_are_dropped_and_nothing_else(caplog):
+    import logging
+
+    import course_utils
+
+    for name, prefix in course_utils.KNOWN_NOTICES.items():
+        logger = logging.getLogger(name)
+        with caplog.at_level(logging.WARNING, logger=name):
+            logger.warning(prefix + " from kernels-community: No module named 'kernels'.")
+            logger.warning("another message from the same logger")
+        assert [r.getMessage() for r in caplog.records] == ["another message from the same logger"]
+        caplog.clear()
+
+
+def test_peft_on_the_course_model_shows_no_deprecation_warning():
+    """peft reads model.is_gradient_checkpointing, which transformers 5 deprecated; course_utils
+    silences exactly that message (run in a fresh interpreter, where warnings are not yet seen)."""
+    import subprocess
+    import sys
+
+    script = ("import warnings; warnings.simplefilter('default')\n"
+              "import course_utils\n"
+              "from peft import LoraConfig, get_peft_model\n"
+              "from course_utils.models import load_model_and_tokenizer\n"
+              "from course_utils.profiles import tiny_profile\n"
+              "model, _ = load_model_and_tokenizer(tiny_profile(), load_in_4bit=False)\n"
+              "get_peft_model(model, LoraConfig(r=2, target_modules=['q_proj'], task_type='CAUSAL_LM'))\n"
+              "warnings.warn('a warning that must still show', FutureWarning)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "is_gradient_checkpointing" not in result.stderr
+    assert "a warning that must still show" in result.stderr

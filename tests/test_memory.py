@@ -135,15 +135,15 @@ def test_activation_estimate_matches_saved_tensors(course_model, checkpointing, 
                                                    seq_len):
     course_model.train()
     if checkpointing:
-        course_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        course_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        course_model.gradient_checkpointing_disable()
+        course_model.activation_checkpointing_disable()
     batch = torch.randint(3, 1000, (batch_size, seq_len))
     measured = memory.measured_activation_bytes(course_model, input_ids=batch, labels=batch)
     predicted = memory.activation_bytes(course_model.config, batch_size, seq_len,
                                         gradient_checkpointing=checkpointing)
-    course_model.gradient_checkpointing_disable()
+    course_model.activation_checkpointing_disable()
     assert predicted == pytest.approx(measured, rel=0.02)
 
 

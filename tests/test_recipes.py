@@ -22,10 +22,10 @@ def library_class(stage: str):
     """The class each stage's ``training`` section becomes: the independent oracle of its keys."""
     import trl
 
-    from course_utils import rlhf
+    from course_utils import ppo
 
     return {"sft": trl.SFTConfig, "reward": trl.RewardConfig, "grpo": trl.GRPOConfig,
-            "dpo": trl.DPOConfig, "ppo": rlhf.PPOConfig}[stage]
+            "dpo": trl.DPOConfig, "ppo": ppo.PPOConfig}[stage]
 
 
 # lessons 00 and 02-05 train the course model on every profile: their recipes exist for tiny only
@@ -58,16 +58,16 @@ def test_every_training_key_is_an_argument_of_the_library_class(stage):
 @pytest.mark.parametrize("stage", ("sft", "reward", "dpo", "grpo"))
 def test_the_tiny_recipes_build_their_trl_configs(stage, tmp_path):
     """The trl config built from the recipe carries every value of it (trl renames nothing)."""
-    from course_utils import rlhf, sft
+    from course_utils import dpo, qlora_sft, reward_modeling
     from course_utils.profiles import tiny_profile
 
     recipe, profile = load_recipe(stage, "tiny"), tiny_profile()
     if stage == "sft":
-        args = sft.sft_config(recipe, tmp_path, profile)
+        args = qlora_sft.sft_config(recipe, tmp_path, profile)
     elif stage == "reward":
-        args = rlhf.reward_config(recipe, tmp_path, profile)
+        args = reward_modeling.reward_config(recipe, tmp_path, profile)
     elif stage == "dpo":
-        args = rlhf.dpo_config(recipe, tmp_path, profile)
+        args = dpo.dpo_config(recipe, tmp_path, profile)
     else:
         args = library_class("grpo")(output_dir=str(tmp_path), **recipe.training, use_cpu=True,
                                      **recipe.precision_flags())
@@ -109,7 +109,7 @@ def write_variant(tmp_path, stage="dpo", edit=None, text=None):
     (lambda v: v.pop("seed"), r"missing key 'seed' \(an integer\)"),
     (lambda v: v["training"].update(max_steps="100"), r"'training.max_steps' must be an integer, got '100'"),
     (lambda v: v["training"].update(max_steps=10.5), r"'training.max_steps' must be an integer"),
-    (lambda v: v["training"].update(gradient_checkpointing="no"), r"must be true or false"),
+    (lambda v: v["training"].update(activation_checkpointing="no"), r"must be true or false"),
     (lambda v: v["lora"].update(target_modules=3), r"'lora.target_modules' must be a string or a list"),
     (lambda v: v.update(precision="fp8"), r"'precision' must be one of float32"),
     (lambda v: v.update(stage="sft"), r"'stage' is 'sft' but the file is the 'dpo' recipe"),
@@ -227,14 +227,14 @@ NOT_TRAINING = {
     "10_dpo.ipynb": ["beta = 0.1  # for this check only", "torch.optim.Adam([theta], lr=0.05)"],
     "peft_scratch.py": ["r: int = 8, alpha: float = 16"],  # LoRALinear's defaults, as peft's
     # lesson 00's fact probe, a significance level, inference batches
-    "evaluation.py": ["max_new_tokens: int = 8", "alpha: float = 0.05",
-                      "batch_size: int = 64, max_prompt_length: int | None = None",
-                      "texts: list[str], batch_size: int = 32,"],
+    "probes.py": ["max_new_tokens: int = 8", "batch_size: int = 64, max_prompt_length: int | None = None"],
+    "evaluation.py": ["alpha: float = 0.05", "texts: list[str], batch_size: int = 32,"],
     # inference batches (lessons 02-05's course-model comparison); an optimizer built only to
     # count its state
-    "peft_methods.py": ["model, tokenizer, test_chats, batch_size=32,", "if p.requires_grad], lr=0.0)"],
-    "rlhf.py": ["batch_size: int = 64) -> torch.Tensor:", "batch_size: int = 32",  # scoring batches
-                "def preference_scores(model, tokenizer, dataset, batch_size: int = 16"],
+    "peft_comparison.py": ["model, tokenizer, test_chats, batch_size=32,", "if p.requires_grad], lr=0.0)"],
+    "reward_modeling.py": ["batch_size: int = 64) -> torch.Tensor:",  # scoring batches
+                           "def preference_scores(model, tokenizer, dataset, batch_size: int = 16"],
+    "dpo.py": ["batch_size: int = 32"],
     "rl_primer.py": ["max_steps: int = 50", "state, steps = 0, []"],  # lesson 09's toy corridor
     "recipes.py": ['"training.learning_rate=1e-3"'],  # a docstring
 }

@@ -147,51 +147,57 @@ def test_relative_links_and_badges_resolve():
 
 
 def test_code_passes_ruff():
+    """What `make lint` checks (its paths read from the Makefile): the package, the tests, the
+    scripts and every notebook, solution and exercise."""
     import subprocess
 
     ruff = Path(sys.executable).parent / "ruff"
     if not ruff.exists():
         pytest.skip("ruff is not installed in this environment (it is in requirements.txt)")
-    result = subprocess.run([str(ruff), "check", "course_utils", "tests"], cwd=REPO_ROOT,
+    lint_line = next(line for line in (REPO_ROOT / "Makefile").read_text().splitlines()
+                     if "ruff check" in line)
+    paths = lint_line.split("ruff check", 1)[1].split()
+    assert {"course_utils", "tests", "notebooks", "solutions", "exercises"} <= set(paths)
+    result = subprocess.run([str(ruff), "check", *paths], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:]
 
 
 def test_metrics_table_formats_numbers_readably(tmp_path):
-    from course_utils import metrics
+    from course_utils import reporting
 
-    table = metrics.summary_table({"01_x": {"bytes": 22482660.0, "rate": 0.98333, "n": 1200,
+    table = reporting.summary_table({"01_x": {"bytes": 22482660.0, "rate": 0.98333, "n": 1200,
                                             "ok": True}})
     assert "22,482,660" in table and "0.9833" in table and "1,200" in table and "True" in table
     with pytest.raises(ValueError, match="finite"):
-        metrics.write_metrics("x", {"loss": float("nan")})
+        reporting.write_metrics("x", {"loss": float("nan")})
 
 
 def test_check_claims_passes_true_statements_and_catches_false_ones(capsys, monkeypatch):
-    from course_utils import metrics
+    from course_utils import reporting
 
     measured = {"before": 0.50, "after": 0.88}
-    assert metrics.check_claims({"accuracy rose": measured["after"] > measured["before"]},
+    assert reporting.check_claims({"accuracy rose": measured["after"] > measured["before"]},
                                 strict=True) == {"accuracy rose": True}
     assert "holds: accuracy rose" in capsys.readouterr().out
 
     false_claim = {"accuracy rose": measured["after"] > measured["before"],
                    "accuracy doubled": measured["after"] >= 2 * measured["before"]}
-    with pytest.raises(metrics.ClaimError, match="accuracy doubled") as error:
-        metrics.check_claims(false_claim, strict=True)
+    with pytest.raises(reporting.ClaimError, match="accuracy doubled") as error:
+        reporting.check_claims(false_claim, strict=True)
     assert "accuracy rose" not in str(error.value)
 
-    monkeypatch.setenv(metrics.STRICT_CLAIMS_VARIABLE, "1")
-    with pytest.raises(metrics.ClaimError):
-        metrics.check_claims(false_claim)
-    monkeypatch.delenv(metrics.STRICT_CLAIMS_VARIABLE)
+    monkeypatch.setenv(reporting.STRICT_CLAIMS_VARIABLE, "1")
+    with pytest.raises(reporting.ClaimError):
+        reporting.check_claims(false_claim)
+    monkeypatch.delenv(reporting.STRICT_CLAIMS_VARIABLE)
     capsys.readouterr()
-    assert metrics.check_claims(false_claim) == {"accuracy rose": True, "accuracy doubled": False}
+    assert reporting.check_claims(false_claim) == {"accuracy rose": True, "accuracy doubled": False}
     out = capsys.readouterr().out
     assert "DOES NOT HOLD: accuracy doubled" in out and "Warning" in out
 
     with pytest.raises(TypeError, match="bool"):
-        metrics.check_claims({"a number is not a verdict": 0.88})
+        reporting.check_claims({"a number is not a verdict": 0.88})
 
 
 def test_make_test_checks_the_lessons_claims_strictly():

@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 
-from course_utils import rlhf
+from course_utils import dpo, policies, ppo, reward_modeling
 from course_utils.recipes import load_recipe
 
 
-def ppo_config_with(**changes) -> rlhf.PPOConfig:
+def ppo_config_with(**changes) -> ppo.PPOConfig:
     """The tiny PPO recipe with some values changed, as a ``PPOConfig``."""
-    return rlhf.PPOConfig.from_recipe(load_recipe("ppo", "tiny").with_changes(training=changes))
+    return ppo.PPOConfig.from_recipe(load_recipe("ppo", "tiny").with_changes(training=changes))
 
 
 def small_lora_recipe():
@@ -49,7 +49,7 @@ def test_gae_matches_the_loop_reference(seed):
     values = torch.randn(mask.shape, generator=generator)
     rng = random.Random(seed)
     gamma, lam = rng.choice([1.0, 0.99, 0.9]), rng.choice([1.0, 0.95, 0.5, 0.0])
-    advantages, returns = rlhf.gae(rewards, values, gamma, lam, mask)
+    advantages, returns = ppo.gae(rewards, values, gamma, lam, mask)
     expected_advantages, expected_returns = reference_gae(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(advantages, expected_advantages)
     torch.testing.assert_close(returns, expected_returns)
@@ -57,7 +57,7 @@ def test_gae_matches_the_loop_reference(seed):
 
 def test_gae_with_lambda_one_and_no_critic_is_the_reward_to_go():
     rewards = torch.tensor([[1.0, 2.0, 3.0]])
-    advantages, _ = rlhf.gae(rewards, torch.zeros_like(rewards), gamma=1.0, lam=1.0)
+    advantages, _ = ppo.gae(rewards, torch.zeros_like(rewards), gamma=1.0, lam=1.0)
     assert advantages.tolist() == [[6.0, 5.0, 3.0]]
 
 
@@ -82,7 +82,7 @@ def test_ppo_policy_loss_matches_the_loop_reference(seed):
     new = old + 0.4 * torch.randn(mask.shape, generator=generator)
     advantages = torch.randn(mask.shape, generator=generator)
     eps = random.Random(seed).choice([0.1, 0.2, 0.3])
-    loss, clip_fraction = rlhf.ppo_policy_loss(new, old, advantages, eps, mask)
+    loss, clip_fraction = ppo.ppo_policy_loss(new, old, advantages, eps, mask)
     expected_loss, expected_fraction = reference_policy_loss(new, old, advantages, eps, mask)
     assert loss.item() == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
     assert clip_fraction.item() == pytest.approx(expected_fraction)
@@ -92,7 +92,7 @@ def test_clipping_stops_the_gradient_only_beyond_the_range_in_the_favoured_direc
     old = torch.zeros(1, 4)
     new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
     advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    loss, fraction = rlhf.ppo_policy_loss(new, old, advantages, 0.2)
+    loss, fraction = ppo.ppo_policy_loss(new, old, advantages, 0.2)
     loss.backward()
     # ratio 1.5 with A>0 and ratio 0.5 with A<0 are clipped: no gradient; the others keep theirs
     assert new.grad[0, 0] == 0 and new.grad[0, 3] == 0
@@ -114,7 +114,7 @@ def test_ppo_value_loss_matches_the_loop_reference(seed):
                 v_clipped = v_old + min(max(v - v_old, -0.2), 0.2)
                 total += 0.5 * max((v - r) ** 2, (v_clipped - r) ** 2)
                 count += 1
-    loss = rlhf.ppo_value_loss(values, old_values, returns, 0.2, mask)
+    loss = ppo.ppo_value_loss(values, old_values, returns, 0.2, mask)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
@@ -123,7 +123,7 @@ def test_kl_shaped_rewards_put_the_score_on_the_last_real_token(seed):
     generator, mask = random_batch(seed)
     logprobs, ref = torch.randn(mask.shape, generator=generator), torch.randn(mask.shape, generator=generator)
     scores = torch.randn(mask.shape[0], generator=generator)
-    rewards, kl = rlhf.kl_shaped_rewards(scores, logprobs, ref, mask, kl_coef=0.3)
+    rewards, kl = ppo.kl_shaped_rewards(scores, logprobs, ref, mask, kl_coef=0.3)
     for b in range(mask.shape[0]):
         n = int(mask[b].sum())
         for t in range(mask.shape[1]):
@@ -139,28 +139,29 @@ def test_bradley_terry_loss_matches_the_formula_and_its_limits():
     chosen, rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
     pairs = zip(chosen.tolist(), rejected.tolist())
     expected = sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in pairs) / 3
-    assert rlhf.bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
-    tie = rlhf.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item()
+    assert reward_modeling.bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    tie = reward_modeling.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item()
     assert tie == pytest.approx(math.log(2))
-    assert rlhf.bradley_terry_loss(torch.tensor([50.0]), torch.tensor([0.0])).item() < 1e-6
-    assert rlhf.pairwise_accuracy(chosen, rejected) == pytest.approx(1 / 3)
+    assert reward_modeling.bradley_terry_loss(torch.tensor([50.0]), torch.tensor([0.0])).item() < 1e-6
+    assert reward_modeling.pairwise_accuracy(chosen, rejected) == pytest.approx(1 / 3)
 
 
 def test_combine_rewards_follows_llama2s_rule():
     helpfulness = torch.tensor([3.0, 3.0, -1.0])
     safety = torch.tensor([2.0, -4.0, 2.0])  # sigmoid(-4) = 0.018 < 0.15: unsafe
-    combined = rlhf.combine_rewards(helpfulness, safety, 0.15)
+    combined = reward_modeling.combine_rewards(helpfulness, safety, 0.15)
     torch.testing.assert_close(combined, torch.tensor([3.0, -4.0, -1.0]), atol=1e-4, rtol=0)
-    flagged = rlhf.combine_rewards(helpfulness, safety, 0.15, unsafe_prompt=torch.tensor([1, 0, 0]))
+    flagged = reward_modeling.combine_rewards(helpfulness, safety, 0.15,
+                                              unsafe_prompt=torch.tensor([1, 0, 0]))
     assert flagged[0].item() == pytest.approx(2.0, abs=1e-4)
 
 
 def test_masked_whiten_has_zero_mean_unit_variance_on_the_mask():
     generator, mask = random_batch(3)
     values = torch.randn(mask.shape, generator=generator) * 5 + 2
-    whitened = rlhf.masked_whiten(values, mask)
-    assert rlhf.masked_mean(whitened, mask).item() == pytest.approx(0, abs=1e-5)
-    assert rlhf.masked_mean(whitened ** 2, mask).item() == pytest.approx(1, abs=1e-3)
+    whitened = ppo.masked_whiten(values, mask)
+    assert ppo.masked_mean(whitened, mask).item() == pytest.approx(0, abs=1e-5)
+    assert ppo.masked_mean(whitened ** 2, mask).item() == pytest.approx(1, abs=1e-3)
 
 
 def test_one_ppo_step_runs_on_a_lora_policy_and_starts_at_the_reference(tokenizer):
@@ -176,7 +177,7 @@ def test_one_ppo_step_runs_on_a_lora_policy_and_starts_at_the_reference(tokenize
                          bos_token_id=tokenizer.bos_token_id)
     policy = get_peft_model(LlamaForCausalLM(config),
                             LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    value_head = rlhf.ValueHead(config.hidden_size)
+    value_head = ppo.ValueHead(config.hidden_size)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad]
                                   + list(value_head.parameters()), lr=1e-3)
     ppo_config = ppo_config_with(batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6)
@@ -188,14 +189,14 @@ def test_one_ppo_step_runs_on_a_lora_policy_and_starts_at_the_reference(tokenize
         return torch.tensor([float(len(r)) for r in responses])
 
     before = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
-    stats = rlhf.ppo_step(policy, value_head, optimizer, tokenizer, prompts, score_fn,
+    stats = ppo.ppo_step(policy, value_head, optimizer, tokenizer, prompts, score_fn,
                           ppo_config, step=0)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
     assert len(stats["responses"]) == 4 and lengths
     assert 1 <= stats["response_length"] <= 6
     after = [p.detach() for p in policy.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
-    kl, responses, _ = rlhf.sequence_kl(policy, tokenizer, prompts, 6, seed=1)
+    kl, responses, _ = policies.sequence_kl(policy, tokenizer, prompts, 6, seed=1)
     assert kl != 0 and len(responses) == 4
 
 
@@ -206,8 +207,8 @@ def test_preferred_behaviour_agrees_with_every_held_out_pairs_labels(the_world):
 
     rows = [json.loads(line) for line in (WORLD_DIR / "preferences_test.jsonl").open()]
     for row in rows:
-        assert rlhf.preferred_behaviour(row, row["chosen"][0]["content"], the_world), row
-        assert not rlhf.preferred_behaviour(row, row["rejected"][0]["content"], the_world), row
+        assert policies.preferred_behaviour(row, row["chosen"][0]["content"], the_world), row
+        assert not policies.preferred_behaviour(row, row["rejected"][0]["content"], the_world), row
 
 
 def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, tokenizer):
@@ -219,11 +220,11 @@ def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, t
 
     profile = tiny_profile()
     pairs = data.load_preference_dataset(profile, "train").select(range(8))
-    model = rlhf.load_reward_model(COURSE_MODEL_DIR, tokenizer)
+    model = reward_modeling.load_reward_model(COURSE_MODEL_DIR, tokenizer)
     recipe = load_recipe("reward", profile).with_changes(
         training={"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 8})
-    args = rlhf.reward_config(recipe, tmp_path, profile)
-    trainer = rlhf.make_reward_trainer(model, tokenizer, pairs, args)
+    args = reward_modeling.reward_config(recipe, tmp_path, profile)
+    trainer = reward_modeling.make_reward_trainer(model, tokenizer, pairs, args)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     trainer.model.eval()
     with torch.no_grad():
@@ -231,8 +232,8 @@ def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, t
         rewards = trainer.model(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     chosen, rejected = rewards.chunk(2)
-    assert rlhf.bradley_terry_loss(chosen, rejected).item() == pytest.approx(trl_loss, rel=1e-6)
-    ours_chosen, ours_rejected = rlhf.preference_scores(trainer.model, tokenizer, pairs)
+    assert reward_modeling.bradley_terry_loss(chosen, rejected).item() == pytest.approx(trl_loss, rel=1e-6)
+    ours_chosen, ours_rejected = reward_modeling.preference_scores(trainer.model, tokenizer, pairs)
     torch.testing.assert_close(ours_chosen, chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_rejected, rejected, atol=1e-5, rtol=0)
 
@@ -243,7 +244,7 @@ def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
     from course_utils.paths import COURSE_MODEL_DIR
     from course_utils.profiles import tiny_profile
 
-    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
+    policy, value_head = ppo.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
     prompts = [f"{name} lives in" for name in ("Odile", "Perrin", "Tamsin", "Orrin", "Briony",
                                                 "Cedric", "Alder", "Honora")]
 
@@ -251,14 +252,14 @@ def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
         return torch.tensor([float("Fenwick" in r) for r in responses])
 
     def rate(seed):
-        kl, responses, _ = rlhf.sequence_kl(policy, tokenizer, prompts * 4, 4, seed=seed)
+        kl, responses, _ = policies.sequence_kl(policy, tokenizer, prompts * 4, 4, seed=seed)
         return sum("Fenwick" in r for r in responses) / len(responses), kl
 
     rate_before, kl_before = rate(seed=99)
     config = ppo_config_with(steps=12, batch_size=8, minibatch_size=8, ppo_epochs=2,
                              max_new_tokens=4, kl_coef=0.0, learning_rate=3e-3,
                              value_learning_rate=3e-3)
-    history = rlhf.train_ppo(policy, value_head, tokenizer, prompts, names_fenwick, config,
+    history = ppo.train_ppo(policy, value_head, tokenizer, prompts, names_fenwick, config,
                              progress=False)
     rate_after, kl_after = rate(seed=99)
     assert len(history) == 12 and {"score", "kl", "clip_fraction", "value_loss"} <= set(history[0])
@@ -270,9 +271,9 @@ def test_ppo_optimizer_gives_the_value_head_its_own_learning_rate(tokenizer):
     from course_utils.paths import COURSE_MODEL_DIR
     from course_utils.profiles import tiny_profile
 
-    policy, value_head = rlhf.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
+    policy, value_head = ppo.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
     config = ppo_config_with(learning_rate=1e-4, value_learning_rate=3e-3)
-    groups = rlhf.ppo_optimizer(policy, value_head, config).param_groups
+    groups = ppo.ppo_optimizer(policy, value_head, config).param_groups
     lora = {id(p) for n, p in policy.named_parameters() if "lora_" in n}
     assert [g["lr"] for g in groups] == [1e-4, 3e-3]
     assert {id(p) for p in groups[0]["params"]} == lora
@@ -287,7 +288,7 @@ def test_dpo_loss_matches_the_formula_pair_by_pair(seed):
     n = int(torch.randint(1, 9, (1,), generator=generator))
     pc, pr, rc, rr = (torch.randn(n, generator=generator, dtype=torch.float64) * 5 for _ in range(4))
     beta = [0.01, 0.1, 0.5, 2.0][seed % 4]
-    loss, chosen_rewards, rejected_rewards = rlhf.dpo_loss(pc, pr, rc, rr, beta)
+    loss, chosen_rewards, rejected_rewards = dpo.dpo_loss(pc, pr, rc, rr, beta)
     expected = 0.0
     for i in range(n):
         margin = beta * ((pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item()))
@@ -299,9 +300,9 @@ def test_dpo_loss_matches_the_formula_pair_by_pair(seed):
 
 def test_dpo_loss_is_log_2_when_policy_equals_reference_and_falls_with_the_margin():
     logps = torch.tensor([-3.0, -7.0])
-    loss, _, _ = rlhf.dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
+    loss, _, _ = dpo.dpo_loss(logps, logps - 1, logps, logps - 1, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2))
-    better, _, _ = rlhf.dpo_loss(logps + 1, logps - 1, logps, logps - 1, beta=0.1)
+    better, _, _ = dpo.dpo_loss(logps + 1, logps - 1, logps, logps - 1, beta=0.1)
     assert better.item() < math.log(2)
 
 
@@ -317,7 +318,7 @@ def test_sequence_logprobs_counts_completion_tokens_only_with_the_shift():
             if completion_mask[b, t]:
                 total += torch.log_softmax(logits[b, t - 1], dim=-1)[input_ids[b, t]].item()
         expected.append(total)
-    assert rlhf.sequence_logprobs(logits, input_ids, completion_mask).tolist() == pytest.approx(expected)
+    assert dpo.sequence_logprobs(logits, input_ids, completion_mask).tolist() == pytest.approx(expected)
 
 
 def test_dpo_loss_equals_dpo_trainers_on_the_same_batch(tmp_path, tokenizer):
@@ -336,21 +337,21 @@ def test_dpo_loss_equals_dpo_trainers_on_the_same_batch(tmp_path, tokenizer):
     pairs = data.load_preference_dataset(profile, "train").select(range(8))
     recipe = load_recipe("dpo", profile).with_changes(training={
         "max_steps": 1, "learning_rate": 1e-3, "beta": 0.3, "per_device_train_batch_size": 8})
-    args = rlhf.dpo_config(recipe, tmp_path, profile)
+    args = dpo.dpo_config(recipe, tmp_path, profile)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
                              init_lora_weights=False)
-    trainer = rlhf.make_dpo_trainer(model, tokenizer, pairs, args, peft_config=peft_config)
+    trainer = dpo.make_dpo_trainer(model, tokenizer, pairs, args, peft_config=peft_config)
     batch = next(iter(trainer.get_train_dataloader()))
     policy = trainer.model
     with torch.no_grad():
         trl_loss = trainer.compute_loss(policy, batch).item()
         logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = rlhf.sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+        logps = dpo.sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"])
         with policy.disable_adapter():
             ref_logits = policy(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"]).logits
-        ref_logps = rlhf.sequence_logprobs(ref_logits, batch["input_ids"], batch["completion_mask"])
-    ours, chosen_rewards, _ = rlhf.dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=0.3)
+        ref_logps = dpo.sequence_logprobs(ref_logits, batch["input_ids"], batch["completion_mask"])
+    ours, chosen_rewards, _ = dpo.dpo_loss(*logps.chunk(2), *ref_logps.chunk(2), beta=0.3)
     assert abs(ours.item() - math.log(2)) > 1e-3
     assert ours.item() == pytest.approx(trl_loss, abs=1e-5)
     assert trainer._metrics["train"]["rewards/chosen"][-1] == pytest.approx(

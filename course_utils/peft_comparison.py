@@ -19,13 +19,48 @@ from pathlib import Path
 
 import torch
 
-from course_utils import evaluation, memory
+from course_utils import memory, probes
 from course_utils.chat import assistant_only_labels
+from course_utils.numerics import heldout_loss
 from course_utils.peft_scratch import add_houlsby_adapters
-from course_utils.training import pad_batch, train_sft
+from course_utils.sft_loop import pad_batch, train_sft
 
 METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora", "ia3")
+HELDOUT_CHATS = 100  # held-out chats for the loss: enough for a stable mean, quick on the CPU
 
+
+@dataclass
+class LessonSetup:
+    """What lessons 02-05 start from: the profile, the recipe, the course model and the task."""
+
+    profile: object
+    recipe: object
+    base_model: torch.nn.Module
+    tokenizer: object
+    train_chats: list[dict]
+    test_chats: list[dict]
+    questions: list[dict]
+
+
+def lesson_setup(profile_name: str, seed: int) -> LessonSetup:
+    """The shared opening of lessons 02-05: seed torch, resolve the profile and say what runs where
+    (``where_it_runs``), read the recipe, load the course model in fp32 and the world's chats
+    (training, ``HELDOUT_CHATS`` held-out) and held-out questions."""
+    from course_utils.models import load_model_and_tokenizer
+    from course_utils.paths import WORLD_DIR
+    from course_utils.profiles import get_profile, tiny_profile
+
+    torch.manual_seed(seed)
+    profile = get_profile(profile_name)
+    print(where_it_runs(profile))
+    base_model, tokenizer = load_model_and_tokenizer(tiny_profile(), load_in_4bit=False)
+
+    def read(name):
+        return [json.loads(line) for line in (WORLD_DIR / name).open()]
+
+    return LessonSetup(profile, methods_recipe(profile), base_model, tokenizer,
+                       read("sft_train.jsonl"), read("sft_test.jsonl")[:HELDOUT_CHATS],
+                       read("eval_qa.jsonl"))
 
 
 def methods_recipe(profile=None):
@@ -79,8 +114,8 @@ def make_method(name: str, base_model, seed: int | None = None, recipe=None):
     recipe = recipe or methods_recipe()
     torch.manual_seed(recipe.seed if seed is None else seed)
     model = copy.deepcopy(base_model)
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
     if name == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -129,28 +164,6 @@ def save_and_reload(model, base_model, name: str) -> tuple[int, float]:
     return size, (loaded(input_ids=ids).logits - reference).abs().max().item()
 
 
-@torch.no_grad()
-@torch.no_grad()
-def heldout_loss(model, tokenizer, chats: list[dict], *, batch_size: int, max_length: int) -> float:
-    """Mean cross-entropy on the assistant tokens of ``chats`` (token-weighted), each chat cut to
-    its first ``max_length`` tokens as training cuts it, ``batch_size`` chats per forward pass on
-    the model's device (the evaluation recipe's ``chat`` section sets both)."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    examples = [tuple(part[:max_length] for part in assistant_only_labels(tokenizer, chat["messages"]))
-                for chat in chats]
-    for start in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[start:start + batch_size], tokenizer.pad_token_id)
-        n_tokens = int((batch["labels"][:, 1:] != -100).sum())
-        if n_tokens == 0:  # every reply cut off by max_length
-            continue
-        batch = {key: value.to(device) for key, value in batch.items()}
-        total += model(**batch).loss.item() * n_tokens
-        count += n_tokens
-    if count == 0:
-        raise ValueError(f"no reply token within the first {max_length} tokens of any chat")
-    return total / count
 
 
 def training_bytes(model, tokenizer, chats: list[dict], batch_size: int) -> int:
@@ -183,12 +196,55 @@ class MethodResult:
     heldout_accuracy: float
 
 
+SOURCES_OF_A_RUN = ("peft_comparison", "peft_scratch", "sft_loop", "numerics", "probes", "chat")
+
+
+def run_key(name: str, base_model, train_chats, test_chats, questions, recipe, steps: int) -> str:
+    """What determines a run's row: the method's settings, the base model's weights, the data, the
+    code that trains and measures it, and the library versions. Seeds make the rest equal."""
+    import hashlib
+    from importlib import import_module
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+    settings = {"method": name, "steps": steps, "batch_size": recipe.training["batch_size"],
+                "seed": recipe.seed, "learning_rate": recipe.learning_rates[name],
+                "settings": recipe.methods.get(name), "heldout_chats": len(test_chats),
+                "versions": [version(p) for p in ("torch", "transformers", "peft")]}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for tensor in base_model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps([train_chats, test_chats, questions], sort_keys=True).encode())
+    for module in SOURCES_OF_A_RUN:
+        digest.update(Path(import_module(f"course_utils.{module}").__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def saved_run_path(name: str) -> Path:
+    from course_utils.paths import artifacts_dir
+
+    return artifacts_dir("peft_runs") / f"{name}.json"
+
+
 def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questions,
-               recipe=None, steps: int | None = None) -> tuple[object, MethodResult]:
+               recipe=None, steps: int | None = None, reuse: bool = False
+               ) -> tuple[object, MethodResult]:
     """Build, train and measure one method with the recipe's settings (``steps`` replaces the
-    recipe's step count, as lesson 04's sweeps do); return the trained model and its row."""
+    recipe's step count, as lesson 04's sweeps do); return the trained model and its row.
+
+    Every run saves its row under ``artifacts/peft_runs/`` with its ``run_key``. With
+    ``reuse=True`` (lesson 05), a saved row whose key matches is returned instead of training
+    again, with ``None`` for the model: the same seeds, settings, code and data give the same run.
+    """
     recipe = recipe or methods_recipe()
     steps = recipe.training["steps"] if steps is None else steps
+    key = run_key(name, base_model, train_chats, test_chats, questions, recipe, steps)
+    saved = saved_run_path(name)
+    if reuse and saved.exists():
+        record = json.loads(saved.read_text())
+        if record["key"] == key:
+            print(f"[course] {name}: reusing the identical run saved by an earlier lesson ({saved})")
+            return None, MethodResult(**record["row"])
     batch_size, seed = recipe.training["batch_size"], recipe.seed
     model = make_method(name, base_model, seed, recipe)
     n_base = sum(p.numel() for p in base_model.parameters())
@@ -198,7 +254,7 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
     train_sft(model, tokenizer, train_chats, steps=steps, batch_size=batch_size,
               learning_rate=lr, seed=seed, progress=False)
     seconds = (time.perf_counter() - start) / steps
-    answers = evaluation.chat_answers(model, tokenizer, questions)
+    answers = probes.chat_answers(model, tokenizer, questions)
     saved_bytes, reload_error = save_and_reload(model, base_model, name)
     result = MethodResult(
         method=name, trainable_parameters=trainable_parameters(model),
@@ -207,8 +263,11 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
         training_bytes=mem, heldout_loss=heldout_loss(
             model, tokenizer, test_chats, batch_size=32,
             max_length=model.config.max_position_embeddings),
-        chat_format_rate=evaluation.accuracy(answers, "chat_format"),
-        heldout_accuracy=evaluation.accuracy(answers))
+        chat_format_rate=probes.accuracy(answers, "chat_format"),
+        heldout_accuracy=probes.accuracy(answers))
+    if steps == recipe.training["steps"]:  # the comparison's runs; sweeps vary the steps
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"key": key, "row": asdict(result)}, indent=1))
     return model, result
 
 

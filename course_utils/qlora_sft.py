@@ -10,7 +10,8 @@ One code path for the notebook, the command line and multi-process runs:
   ``load_quantized_base`` turn its sections into ``SFTConfig``, ``LoraConfig`` and
   ``BitsAndBytesConfig``;
 - ``make_trainer``: trl ``SFTTrainer`` with loss on the replies only;
-- ``build_sft_model`` / ``ensure_sft_model``: the same recipe as a rebuild of lesson 07's model.
+- ``build_sft_model``: the same recipe as a rebuild of lesson 07's model
+  (``stages.ensure_stage("sft", profile)``).
 - ``merge_adapter``: the adapter merged into a 16- or 32-bit copy of the base.
 """
 
@@ -101,15 +102,16 @@ def sft_config(recipe, output_dir: str | Path, profile: Profile):
     """trl ``SFTConfig``: the recipe's ``training`` section, its precision and seed, and the
     course's plumbing (no reports, no worker processes, a progress bar).
 
-    trl 1.x defaults to ``bf16=True`` and ``gradient_checkpointing=True``, so both come from the
-    recipe explicitly; on the CPU the run computes in fp32 (``use_cpu=True``).
+    trl 1.x defaults to ``bf16=True`` and activation (gradient) checkpointing on, so both come from
+    the recipe explicitly (``activation_checkpointing``, transformers 5's name for
+    ``gradient_checkpointing``); on the CPU the run computes in fp32 (``use_cpu=True``).
     """
     from trl import SFTConfig
 
     return SFTConfig(
         output_dir=str(output_dir), **recipe.training, **recipe.precision_flags(),
         use_cpu=profile.use_cpu, seed=recipe.seed, data_seed=recipe.seed,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none",
+        activation_checkpointing_kwargs={"use_reentrant": False}, report_to="none",
         dataloader_num_workers=0, ddp_find_unused_parameters=False, disable_tqdm=False)
 
 
@@ -188,27 +190,27 @@ def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=Non
     Always: ``heldout_loss`` (mean cross-entropy on the replies of ``test_chats``) and
     ``stop_rate`` (greedy replies to their first question that end with ``</s>`` within
     ``max_new_tokens``). With world ``questions``: ``format`` (a complete one-sentence answer in
-    the chat format, ``evaluation.is_chat_format_answer``) and ``exact_match`` (the reply names
+    the chat format, ``probes.is_chat_format_answer``) and ``exact_match`` (the reply names
     the right value); with ``unseen`` questions: ``unseen_exact_match``. ``batch_size`` and
     ``max_length`` (the evaluation recipe's ``chat`` section) bound every forward pass.
     """
-    from course_utils import evaluation
-    from course_utils.peft_methods import heldout_loss
+    from course_utils import probes
+    from course_utils.numerics import heldout_loss
 
     results = {"heldout_loss": heldout_loss(model, tokenizer, list(test_chats),
                                             batch_size=batch_size, max_length=max_length)}
-    outputs = evaluation.greedy_generate(model, tokenizer, reply_prompts(test_chats, tokenizer),
+    outputs = probes.greedy_generate(model, tokenizer, reply_prompts(test_chats, tokenizer),
                                          max_new_tokens, batch_size=batch_size,
                                          max_prompt_length=max_length - max_new_tokens)
     results["stop_rate"] = sum(stopped for _, stopped in outputs) / len(outputs)
     if questions:
-        answers = evaluation.chat_answers(model, tokenizer, questions, max_new_tokens)
-        results["format"] = evaluation.accuracy(answers, "chat_format")
-        results["exact_match"] = evaluation.accuracy(answers)
+        answers = probes.chat_answers(model, tokenizer, questions, max_new_tokens)
+        results["format"] = probes.accuracy(answers, "chat_format")
+        results["exact_match"] = probes.accuracy(answers)
         results["answers"] = answers
     if unseen:
-        results["unseen_exact_match"] = evaluation.accuracy(
-            evaluation.chat_answers(model, tokenizer, unseen, max_new_tokens))
+        results["unseen_exact_match"] = probes.accuracy(
+            probes.chat_answers(model, tokenizer, unseen, max_new_tokens))
     return results
 
 
@@ -235,12 +237,3 @@ def build_sft_model(profile: Profile, recipe, verbose: bool = True):
     trainer.save_model(str(adapter_dir))
     merged = merge_adapter(adapter_dir, profile.model_name_or_path, merge_dtype(profile))
     return merged, tokenizer, used
-
-
-def ensure_sft_model(profile: Profile, verbose: bool = True, rebuild: bool | None = None):
-    """The merged SFT model of lesson 07 (``artifacts/models/sft/``), rebuilt from
-    ``configs/recipes/<profile>/sft.yaml`` if it is missing or was built from other settings
-    (``stages.ensure_stage``)."""
-    from course_utils import stages
-
-    return stages.ensure_stage("sft", profile, rebuild=rebuild, verbose=verbose)

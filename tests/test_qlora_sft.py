@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from course_utils import chat, data, sft, world
-from course_utils.grading import grader_rng, random_conversation
+from course_utils import chat, data, qlora_sft, world
+from course_utils.checks import grader_rng, random_conversation
 from course_utils.memory import LORA_TARGETS
 from course_utils.paths import REPO_ROOT, WORLD_DIR
 from course_utils.profiles import tiny_profile
@@ -31,7 +31,7 @@ def test_course_templates_render_byte_identically_to_tinyllamas(tokenizer, templ
         for generation_prompt in (False, True):
             kwargs = {"tokenize": False, "add_generation_prompt": generation_prompt}
             original = tokenizer.apply_chat_template(messages, **kwargs)
-            ours = tokenizer.apply_chat_template(messages, chat_template=getattr(sft, template),
+            ours = tokenizer.apply_chat_template(messages, chat_template=getattr(qlora_sft, template),
                                                  **kwargs)
             assert ours == original
             assert original == chat.render_chat(messages, generation_prompt)
@@ -39,7 +39,7 @@ def test_course_templates_render_byte_identically_to_tinyllamas(tokenizer, templ
 
 def test_training_template_with_add_bos_gives_the_tokens_inference_sees(tokenizer):
     for messages in conversations():
-        ids = tokenizer.apply_chat_template(messages, chat_template=sft.TRAINING_CHAT_TEMPLATE,
+        ids = tokenizer.apply_chat_template(messages, chat_template=qlora_sft.TRAINING_CHAT_TEMPLATE,
                                             tokenize=True, return_dict=True,
                                             add_bos=True)["input_ids"]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -53,10 +53,10 @@ def test_marked_template_masks_sometimes_drop_a_replys_first_token_with_this_tok
     from trl.chat_template_utils import has_generation_markers
 
     assert not has_generation_markers(chat.TINYLLAMA_CHAT_TEMPLATE)
-    assert has_generation_markers(sft.MARKED_CHAT_TEMPLATE)
+    assert has_generation_markers(qlora_sft.MARKED_CHAT_TEMPLATE)
     dropped = 0
     for messages in conversations():
-        out = tokenizer.apply_chat_template(messages, chat_template=sft.MARKED_CHAT_TEMPLATE,
+        out = tokenizer.apply_chat_template(messages, chat_template=qlora_sft.MARKED_CHAT_TEMPLATE,
                                             tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         _, labels = chat.assistant_only_labels(tokenizer, messages)
@@ -73,7 +73,7 @@ def test_every_reply_becomes_one_prompt_completion_row():
     from datasets import Dataset
 
     chats = Dataset.from_list([{"messages": m} for m in conversations(10)])
-    rows = sft.prompt_completion_rows(chats)
+    rows = qlora_sft.prompt_completion_rows(chats)
     assert len(rows) == sum(m["role"] == "assistant" for c in chats for m in c["messages"])
     for row in rows:
         assert row["completion"][0]["role"] == "assistant" and row["prompt"][-1]["role"] == "user"
@@ -84,9 +84,9 @@ def test_every_reply_becomes_one_prompt_completion_row():
 def tiny_trainer(tmp_path_factory):
     profile = tiny_profile()
     recipe = load_recipe("sft", profile).with_changes(training={"max_steps": 2})
-    model, tokenizer = sft.load_quantized_base(profile, recipe)
+    model, tokenizer = qlora_sft.load_quantized_base(profile, recipe)
     train = data.load_sft_dataset(profile, "train").select(range(40))
-    return (sft.make_trainer(model, tokenizer, train, recipe, profile,
+    return (qlora_sft.make_trainer(model, tokenizer, train, recipe, profile,
                              tmp_path_factory.mktemp("sft")), tokenizer, train)
 
 
@@ -95,7 +95,7 @@ def test_trl_trains_on_exactly_each_reply(tiny_trainer):
     and the line break the template writes after it: the course's own label mask for that
     reply, plus that line break."""
     trainer, tokenizer, train = tiny_trainer
-    rows = sft.prompt_completion_rows(train)
+    rows = qlora_sft.prompt_completion_rows(train)
     assert len(trainer.train_dataset) == len(rows)
     for row, source in zip(trainer.train_dataset, rows):
         ids, labels = chat.assistant_only_labels(tokenizer, source["prompt"] + source["completion"])
@@ -105,7 +105,7 @@ def test_trl_trains_on_exactly_each_reply(tiny_trainer):
         expected = [chat.IGNORE_INDEX] * prompt_length + labels[prompt_length:-1] + ids[-1:]
         assert row["labels"] == expected
         assert tokenizer.decode(ids[-1:]) == "\n" and labels[-2] == tokenizer.eos_token_id
-        assert (row["input_ids"], row["labels"]) == sft.tokenize_prompt_completion(
+        assert (row["input_ids"], row["labels"]) == qlora_sft.tokenize_prompt_completion(
             tokenizer, source["prompt"], source["completion"])
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     for i in range(4):
@@ -138,14 +138,14 @@ def test_the_recipes_hold_the_literature_recipe_on_colab_and_a_cpu_recipe_on_tin
     assert colab.training["learning_rate"] == 2e-4
     assert colab.training["lr_scheduler_type"] == "cosine"
     assert colab.training["optim"] == "paged_adamw_32bit"
-    assert colab.training["gradient_checkpointing"] and colab.quantization["load_in_4bit"]
+    assert colab.training["activation_checkpointing"] and colab.quantization["load_in_4bit"]
     assert colab.quantization["bnb_4bit_quant_type"] == "nf4"
     tiny = load_recipe("sft", "tiny")
-    assert tiny.training["optim"] == "adamw_torch" and not tiny.training["gradient_checkpointing"]
-    args = sft.sft_config(tiny, "unused", tiny_profile())
+    assert tiny.training["optim"] == "adamw_torch" and not tiny.training["activation_checkpointing"]
+    args = qlora_sft.sft_config(tiny, "unused", tiny_profile())
     assert args.learning_rate == tiny.training["learning_rate"] and args.seed == tiny.seed
     assert args.optim.value == "adamw_torch" and args.max_length == tiny.training["max_length"]
-    assert sft.lora_config(tiny.with_changes(lora={"r": 4})).r == 4
+    assert qlora_sft.lora_config(tiny.with_changes(lora={"r": 4})).r == 4
 
 
 def test_unseen_characters_never_occur_in_the_shipped_data():
@@ -169,7 +169,7 @@ def test_an_evaluation_pass_does_not_change_what_training_computes():
     batch = None
     for guarded in (True, False):
         if guarded:
-            model, tokenizer = sft.load_quantized_base(profile, recipe)
+            model, tokenizer = qlora_sft.load_quantized_base(profile, recipe)
         else:
             model, tokenizer = load_model_and_tokenizer(profile, load_in_4bit=True)
         batch = batch or tokenizer(["Odile lives in Fenwick and", "Who"], return_tensors="pt",
@@ -227,14 +227,14 @@ def test_accelerate_configs_are_valid(name):
 
 def test_trl_keeps_a_4bit_models_adapters_in_bf16_whatever_the_precision():
     """Finding 11: what lesson 07 says and the T4 budget counts (2 bytes per adapter weight)."""
-    from course_utils import data, recipes, sft
+    from course_utils import data, qlora_sft, recipes
     from course_utils.profiles import tiny_profile
 
     profile = tiny_profile()
     recipe = recipes.load_recipe("sft", profile).with_changes(training={"max_steps": 1})
     assert recipe.torch_dtype() == torch.float32
-    model, tokenizer = sft.load_quantized_base(profile, recipe)
+    model, tokenizer = qlora_sft.load_quantized_base(profile, recipe)
     chats = data.load_sft_dataset(profile, "train").select(range(8))
-    trainer = sft.make_trainer(model, tokenizer, chats, recipe, profile, "/tmp/unused-sft")
+    trainer = qlora_sft.make_trainer(model, tokenizer, chats, recipe, profile, "/tmp/unused-sft")
     dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     assert dtypes == {torch.bfloat16}

@@ -1,9 +1,9 @@
-"""A minimal supervised fine-tuning loop, for the tour and for rebuilding missing stages quickly.
+"""A minimal supervised fine-tuning loop in plain PyTorch: lesson 00's tour and lessons 02-05.
 
-Lesson 07 fine-tunes with trl's ``SFTTrainer`` and QLoRA, as practitioners do. Notebook 00 only
-needs to *show* the effect of SFT in seconds, and later lessons need an SFT model when lesson 07's
-artifact is missing; ``train_sft`` does that with a plain PyTorch loop and loss on assistant tokens
-only (``course_utils.chat.assistant_only_labels``).
+Lesson 07 fine-tunes with trl's ``SFTTrainer`` and QLoRA, as practitioners do. Lesson 00 only
+needs to *show* the effect of SFT in seconds, and lessons 02-05 train every PEFT method the same
+way on the course model; ``train_sft`` does both with AdamW, a linear decay to zero, and loss on
+assistant tokens only (``course_utils.chat.assistant_only_labels``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers that graded test cells (and learners' self-checks) call.
+"""Checks that graded test cells (and learners' self-checks) call.
 
 A graded test cell in a solution notebook carries ``metadata["course"] = {"grade_id": ...,
 "points": ..., "hint": ...}`` and passes when it runs without an exception. Its checks compare the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 
-import torch
+from course_utils.numerics import check_close  # noqa: F401  (graded cells import it from here)
 
 SEED_VARIABLE = "COURSE_GRADER_SEED"
 STUDENT_SEED = 1234
@@ -56,24 +56,6 @@ def check_equal(actual, expected, what: str = "the result") -> None:
     if isinstance(actual, (list, tuple, str)) and type(actual) is type(expected):
         raise AssertionError(f"{what} is wrong: {first_difference(actual, expected)}")
     raise AssertionError(f"{what} is wrong: expected {expected!r:.200}, got {actual!r:.200}")
-
-
-def check_close(mine, reference, atol: float = 1e-6, rtol: float = 1e-5,
-                what: str = "the result") -> float:
-    """Compare tensors (or numbers); print and return the max absolute error; raise if too big.
-
-    ``atol``/``rtol`` should fit the dtype: around 1e-6 for fp32 arithmetic, 1e-3 for fp16.
-    """
-    mine_t, reference_t = torch.as_tensor(mine), torch.as_tensor(reference)
-    if mine_t.shape != reference_t.shape:
-        raise AssertionError(f"{what} has shape {tuple(mine_t.shape)}, expected "
-                             f"{tuple(reference_t.shape)}")
-    error = (mine_t.double() - reference_t.double()).abs().max().item() if mine_t.numel() else 0.0
-    ok = torch.allclose(mine_t.double(), reference_t.double(), atol=atol, rtol=rtol)
-    print(f"{what}: max abs error {error:.3g} -> {'OK' if ok else 'MISMATCH'}")
-    if not ok:
-        raise AssertionError(f"{what} differs from the reference (max abs error {error:.3g})")
-    return error
 
 
 WORDS = ["Odile", "Marrowby", "stoat", "where", "does", "live", "the", "valley", "honey", "cakes",

@@ -1,8 +1,8 @@
-"""Each notebook's numbers, in ``artifacts/<notebook-stem>/metrics.json``, and the summary table.
+"""Reporting: each notebook's numbers, in ``artifacts/<notebook-stem>/metrics.json``, and the summary table.
 
 A notebook calls ``write_metrics("00_setup_and_tour", {...})`` with the numbers it claims, and
 ``check_claims`` on what its text says about them;
-``make run`` ends with ``python -m course_utils.metrics``, which prints one table of them all.
+``make run`` ends with ``python -m course_utils.reporting``, which prints one table of them all.
 """
 
 from __future__ import annotations
