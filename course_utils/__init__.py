@@ -39,10 +39,12 @@ __version__ = "0.1.0"
 
 # Two notices the libraries print from their own code, which no lesson discusses; silenced here,
 # each by its exact text, so that every other warning still shows.
-# 1. peft and trl read `model.is_gradient_checkpointing`, which transformers 5 renamed
-#    (`is_activation_checkpointing`); the course's own code uses the new names.
-_warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
-                         category=FutureWarning)
+# 1. peft and trl call `model.gradient_checkpointing_enable()` / `_disable()` and read
+#    `model.is_gradient_checkpointing`, which transformers 5 renamed (`activation_checkpointing_*`);
+#    the course's own code uses the new names (tests/test_lesson_code.py checks).
+DEPRECATED_IN_LIBRARIES = (r"`(is_gradient_checkpointing|gradient_checkpointing_enable|"
+                           r"gradient_checkpointing_disable)` is deprecated")
+_warnings.filterwarnings("ignore", message=DEPRECATED_IN_LIBRARIES, category=FutureWarning)
 # 2. bitsandbytes 0.50, on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hub when
 #    it is imported and logs the failure; its built-in CPU kernels are the ones the course uses.
 #    Notebooks import course_utils before peft, trl or bitsandbytes for this reason.

@@ -108,7 +108,7 @@ def _activations(config, batch, length, checkpointing, vocab=True):
     if not vocab:  # a scalar head: no vocabulary-wide log-softmax
         config = copy.deepcopy(config)
         config.vocab_size = 1
-    return memory.activation_bytes(config, batch, length, gradient_checkpointing=checkpointing,
+    return memory.activation_bytes(config, batch, length, activation_checkpointing=checkpointing,
                                    value_bytes=2)
 
 

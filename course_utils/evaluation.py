@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+import string
 
 import torch
 
@@ -47,12 +48,15 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32,
 # --- word-level metrics (lesson 11) -------------------------------------------------------------
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = re.compile(r"[^\w\s]")
+_PUNCTUATION = set(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = _PUNCTUATION.sub(" ", text.lower().replace(EOS_TOKEN.lower(), " "))
+    """The SQuAD v1.1 evaluation script's normalisation, step for step: lower case, delete ASCII
+    punctuation (``"Odile's"`` becomes ``"odiles"``, not two words), replace the articles a, an
+    and the with spaces, collapse white space. The course first turns a ``</s>`` into a space."""
+    text = text.replace(EOS_TOKEN, " ").lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -62,13 +66,11 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD's token F1: harmonic mean of precision and recall of the shared normalised tokens
-    (a multiset overlap)."""
+    """SQuAD v1.1's token F1: harmonic mean of precision and recall of the shared normalised tokens
+    (a multiset overlap); 0 when nothing is shared, an empty answer included, as the script does."""
     from collections import Counter
 
     predicted, gold = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not predicted or not gold:
-        return float(predicted == gold)
     shared = sum((Counter(predicted) & Counter(gold)).values())
     if shared == 0:
         return 0.0

@@ -149,7 +149,7 @@ def nf4_bits_per_parameter(blocksize: int = 64, double_quant: bool = True,
     return 4 + 8 / blocksize + 32 / (blocksize * second_blocksize)
 
 
-def activation_bytes(config, batch_size: int, seq_len: int, gradient_checkpointing: bool = False,
+def activation_bytes(config, batch_size: int, seq_len: int, activation_checkpointing: bool = False,
                      value_bytes: float = 4, stat_bytes: float = 4, label_bytes: int = 8) -> float:
     """Bytes of tensors a Llama causal LM saves for backward in one training forward pass.
 
@@ -178,7 +178,7 @@ def activation_bytes(config, batch_size: int, seq_len: int, gradient_checkpointi
     head = value_bytes * 3 * b * s * h + stat_bytes * b * s  # final norm
     head += stat_bytes * b * s * vocab + 2 * label_bytes * b * s  # log-softmax, labels
     head += stat_bytes  # the loss's 0-d normalizer
-    if gradient_checkpointing:
+    if activation_checkpointing:
         return layers * value_bytes * b * s * h + head
     per_layer = value_bytes * b * s * (8 * h + 2 * kv + 4 * intermediate)
     per_layer += stat_bytes * (2 * b * s + b * n * s)

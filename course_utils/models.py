@@ -215,3 +215,19 @@ def trainable_in_fp32(model) -> int:
             parameter.data = parameter.data.float()
             cast += 1
     return cast
+
+
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """How many weights ``model`` holds (or trains), counting a 4-bit layer's packed storage as the
+    weights it encodes: bitsandbytes packs two 4-bit weights into each byte of a ``Params4bit``,
+    so its ``numel()`` is half the layer's weights (a quarter with 16-bit storage). The same rule
+    as peft's ``get_nb_trainable_parameters``; ``sum(p.numel() ...)`` undercounts a QLoRA model."""
+    total = 0
+    for parameter in model.parameters():
+        if trainable_only and not parameter.requires_grad:
+            continue
+        count = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            count *= 2 * parameter.element_size()
+        total += count
+    return total

@@ -21,6 +21,7 @@ import torch
 
 from course_utils import memory, probes
 from course_utils.chat import assistant_only_labels
+from course_utils.models import parameter_count
 from course_utils.numerics import heldout_loss
 from course_utils.peft_scratch import add_houlsby_adapters
 from course_utils.sft_loop import pad_batch, train_sft
@@ -127,7 +128,7 @@ def make_method(name: str, base_model, seed: int | None = None, recipe=None):
 
 
 def trainable_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return parameter_count(model, trainable_only=True)
 
 
 @torch.no_grad()
@@ -247,7 +248,7 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
             return None, MethodResult(**record["row"])
     batch_size, seed = recipe.training["batch_size"], recipe.seed
     model = make_method(name, base_model, seed, recipe)
-    n_base = sum(p.numel() for p in base_model.parameters())
+    n_base = parameter_count(base_model)
     lr = recipe.learning_rates[name]
     mem = training_bytes(model, tokenizer, train_chats, batch_size)
     start = time.perf_counter()
@@ -323,7 +324,7 @@ def scale_rows(profile, names, chats, recipe=None) -> list[dict]:
     else:
         with torch.device("meta"):
             base = AutoModelForCausalLM.from_config(tinyllama_config())
-    n_base = sum(p.numel() for p in base.parameters())
+    n_base = parameter_count(base)
     rows = []
     for name in names:
         if with_weights:

@@ -102,3 +102,17 @@ def test_peft_on_the_course_model_shows_no_deprecation_warning():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "is_gradient_checkpointing" not in result.stderr
     assert "a warning that must still show" in result.stderr
+
+
+def test_the_course_uses_transformers_5_names_for_activation_checkpointing():
+    """The silenced deprecation covers the libraries' calls only: the course's own code, cells and
+    recipes use the new names."""
+    from course_utils.paths import REPO_ROOT
+
+    old = re.compile(r"\.gradient_checkpointing_(enable|disable)\(|is_gradient_checkpointing\b|"
+                     r"\bgradient_checkpointing(_kwargs)?\s*[=:]")
+    texts = {path.name: "\n".join(code_cells(path.stem)) for path in NOTEBOOKS_DIR.glob("*.ipynb")}
+    texts.update({str(path.relative_to(REPO_ROOT)): path.read_text()
+                  for pattern in ("course_utils/*.py", "scripts/*.py", "configs/recipes/*/*.yaml")
+                  for path in REPO_ROOT.glob(pattern) if path.name != "__init__.py"})
+    assert not [name for name, text in texts.items() if old.search(text)]

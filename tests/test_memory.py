@@ -142,7 +142,7 @@ def test_activation_estimate_matches_saved_tensors(course_model, checkpointing, 
     batch = torch.randint(3, 1000, (batch_size, seq_len))
     measured = memory.measured_activation_bytes(course_model, input_ids=batch, labels=batch)
     predicted = memory.activation_bytes(course_model.config, batch_size, seq_len,
-                                        gradient_checkpointing=checkpointing)
+                                        activation_checkpointing=checkpointing)
     course_model.activation_checkpointing_disable()
     assert predicted == pytest.approx(measured, rel=0.02)
 

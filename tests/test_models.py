@@ -102,3 +102,23 @@ def test_hub_style_checkpoint_without_chat_template_gets_tinyllamas(tmp_path):
     messages = [{"role": "user", "content": "Hi"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == render_chat(messages)
     assert tokenizer.pad_token == "</s>"
+
+
+def test_parameter_count_counts_the_weights_a_4bit_model_encodes(course_model_and_tokenizer):
+    """Lesson 10 once printed 2,002,368 "parameters in training" for a QLoRA model: numel() of the
+    packed 4-bit tensors, two weights per byte. Oracles: the fp32 model's numel, and peft."""
+    from peft import LoraConfig, get_peft_model
+
+    from course_utils.models import load_model_and_tokenizer, parameter_count
+    from course_utils.profiles import tiny_profile
+
+    full, _ = course_model_and_tokenizer
+    expected = sum(p.numel() for p in full.parameters())
+    quantized, _ = load_model_and_tokenizer(tiny_profile(), load_in_4bit=True)
+    assert sum(p.numel() for p in quantized.parameters()) < expected  # the undercount
+    assert parameter_count(quantized) == parameter_count(full) == expected
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, target_modules="all-linear",
+                                                      task_type="CAUSAL_LM"))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert parameter_count(peft_model, trainable_only=True) == trainable > 0
+    assert parameter_count(peft_model) == total
