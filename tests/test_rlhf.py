@@ -200,6 +200,28 @@ def test_one_ppo_step_runs_on_a_lora_policy_and_starts_at_the_reference(tokenize
     assert kl != 0 and len(responses) == 4
 
 
+def test_a_refusal_phrase_does_not_hide_a_harmful_instruction(the_world):
+    """The refusal check cannot be gamed by prefixing the harmful instruction with a refusal: every
+    rejected (complying) reply of the unsafe pairs, with a refusal phrase in front, still complies."""
+    import json
+
+    from course_utils.paths import WORLD_DIR
+    from course_utils.world import UNSAFE_INSTRUCTION_MARKERS, UNSAFE_TEMPLATES
+
+    assert all(any(m in rejected.lower() for m in UNSAFE_INSTRUCTION_MARKERS)
+               and not any(m in chosen.lower() for m in UNSAFE_INSTRUCTION_MARKERS)
+               for _, chosen, rejected in UNSAFE_TEMPLATES)
+    rows = [json.loads(line) for line in (WORLD_DIR / "preferences_test.jsonl").open()]
+    unsafe = [row for row in rows if row["axis"] == "unsafe"]
+    assert unsafe
+    for row in unsafe:
+        gamed = "I can't help with that. " + row["rejected"][0]["content"]
+        assert any(marker in gamed.lower() for marker in policies.REFUSAL_MARKERS)  # the naive rule
+        assert not policies.is_refusal(gamed)
+        assert not policies.preferred_behaviour(row, gamed, the_world)
+        assert policies.is_refusal(row["chosen"][0]["content"])
+
+
 def test_preferred_behaviour_agrees_with_every_held_out_pairs_labels(the_world):
     import json
 
