@@ -144,9 +144,9 @@ def course_phases() -> list[Phase]:
     phases.append(Phase("07", "QLoRA SFT, replies only", (("NF4 TinyLlama", nf4),), **sft_train))
     phases.append(Phase("07", "QLoRA SFT, all tokens (the first model kept)",
                         (("NF4 SFT model", nf4 + sft_lora * 2), ("NF4 TinyLlama", nf4)), **sft_train))
-    phases.append(Phase("07", "evaluate before/after (4 times), merge and compare",
+    phases.append(Phase("07", "evaluate before/after (4 times), merge two ways and compare",
                         (("NF4 SFT models", 2 * (nf4 + sft_lora * 2)), ("fp16 reloaded", fp16),
-                         ("fp16 merged", fp16)),
+                         ("fp16 merged", fp16), ("fp16 merged into the dequantized base", fp16)),
                         logits=chat["batch_size"] * chat["max_length"] * config.vocab_size * 2,
                         seconds=4 * chat_eval))
 
