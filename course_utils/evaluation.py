@@ -290,6 +290,67 @@ def samples_to_separate(p1: float, p2: float, alpha: float = 0.05, power: float 
     return math.ceil(numerator / (p1 - p2) ** 2)
 
 
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion (Wilson 1927; Newcombe 1998). Unlike a percentile
+    bootstrap it does not collapse to a point at 0% or 100%: 10 of 10 gives [72.2%, 100%]."""
+    import math
+    from statistics import NormalDist
+
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes} of {n}")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def cluster_bootstrap_ci(values, groups, resamples: int = 2000, confidence: float = 0.95,
+                         seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` when they come in ``groups`` (six
+    questions about one character are not six independent samples): resample whole groups with
+    replacement, keep every value of a drawn group."""
+    import random
+
+    by_group: dict = {}
+    for value, group in zip(values, groups, strict=True):
+        by_group.setdefault(group, []).append(float(value))
+    clusters = list(by_group.values())
+    rng = random.Random(seed)
+    estimates = []
+    for _ in range(resamples):
+        drawn = [clusters[rng.randrange(len(clusters))] for _ in clusters]
+        estimates.append(sum(map(sum, drawn)) / sum(map(len, drawn)))
+    estimates.sort()
+    tail = (1 - confidence) / 2
+    return estimates[int(tail * resamples)], estimates[min(int((1 - tail) * resamples), resamples - 1)]
+
+
+def paired_difference(a, b, groups, resamples: int = 2000, confidence: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` for two models scored on the same examples, with a cluster-bootstrap
+    interval: pairing removes the variance the examples share, which unpaired intervals count
+    twice."""
+    differences = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    low, high = cluster_bootstrap_ci(differences, groups, resamples, confidence, seed)
+    return sum(differences) / len(differences), low, high
+
+
+def mcnemar_samples(p10: float, p01: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Paired examples McNemar's test needs to detect the difference between two models scored on
+    the same examples (Connor 1987): ``p10`` is the share where only the first model is right,
+    ``p01`` where only the second is. Only the disagreements carry information."""
+    import math
+    from statistics import NormalDist
+
+    discordant, difference = p10 + p01, p10 - p01
+    if difference == 0:
+        return math.inf
+    z_alpha, z_power = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    root = math.sqrt(max(discordant - difference ** 2, 0.0))
+    return math.ceil((z_alpha * math.sqrt(discordant) + z_power * root) ** 2 / difference ** 2)
+
+
 # --- the pipeline table (lesson 11, printed at the end of ``make run``) -----------------------------
 
 PIPELINE_COLUMNS = [  # (key, header, percent?)

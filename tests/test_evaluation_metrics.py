@@ -251,3 +251,58 @@ def test_pipeline_table_shows_intervals_and_make_run_prints_it(tmp_path, capsys)
     path.write_text(json.dumps(results))
     assert run_notebooks.print_pipeline_table(path)
     assert "97.5% [94%, 100%]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("successes, n, low, high", [
+    (0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0), (5, 10, 0.2366, 0.7634),  # the closed form's special cases
+    (81, 263, 0.2553, 0.3662),  # Newcombe (1998), Table I, method 3
+])
+def test_wilson_interval_equals_the_published_values(successes, n, low, high):
+    assert evaluation.wilson_interval(successes, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_wilson_interval_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="successes"):
+        evaluation.wilson_interval(11, 10)
+
+
+def test_the_cluster_bootstrap_is_wider_when_values_move_together():
+    """Six values per group that are equal within a group carry one group's worth of information:
+    resampling groups must give a wider interval than resampling the values one by one."""
+    rng = random.Random(3)
+    group_values = [float(rng.random() < 0.7) for _ in range(20)]
+    values = [v for v in group_values for _ in range(6)]
+    groups = [g for g in range(20) for _ in range(6)]
+    low_c, high_c = evaluation.cluster_bootstrap_ci(values, groups, seed=1)
+    low_i, high_i = evaluation.bootstrap_ci(values, seed=1)
+    assert high_c - low_c > 1.5 * (high_i - low_i)
+    # with one value per group it is the ordinary bootstrap's interval
+    assert evaluation.cluster_bootstrap_ci(values, range(len(values)), seed=1) == pytest.approx(
+        (low_i, high_i), abs=0.03)
+
+
+def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
+    values = [1, 0, 1, 1, 0, 1]
+    assert evaluation.paired_difference(values, values, [0, 0, 1, 1, 2, 2]) == (0.0, 0.0, 0.0)
+
+
+def test_mcnemar_sample_size_gives_its_power_in_simulation():
+    """The oracle is a simulation: at the computed n, McNemar's test (normal approximation, 5%)
+    rejects in about 80% of seeded trials."""
+    from statistics import NormalDist
+
+    p10, p01 = 0.15, 0.05
+    n = evaluation.mcnemar_samples(p10, p01)
+    rng = random.Random(0)
+    critical = NormalDist().inv_cdf(0.975)
+    rejected = 0
+    trials = 2000
+    for _ in range(trials):
+        b = c = 0
+        for _ in range(n):
+            u = rng.random()
+            b += u < p10
+            c += p10 <= u < p10 + p01
+        rejected += b + c > 0 and abs(b - c) / math.sqrt(b + c) > critical
+    assert 0.75 <= rejected / trials <= 0.85, (n, rejected / trials)
+    assert evaluation.mcnemar_samples(0.1, 0.1) == math.inf
