@@ -97,9 +97,10 @@ def test_quantize_and_dequantize_nf4_are_bit_exact_with_bitsandbytes(seed):
                                                   x.dtype)
         assert ours.dtype == reference.dtype and ours.shape == x.shape
         assert torch.equal(ours, reference)
-        # bitsandbytes' native CPU kernel goes wrong where a block spans two rows (measured in
-        # lesson 06); it agrees where rows are whole blocks, as in every linear layer of the
-        # course model and of TinyLlama. It also returns 1-D inputs as (1, n).
+        # bitsandbytes' native CPU kernel goes wrong for some shapes whose rows are not whole
+        # blocks (the exact condition: the last test of this file, and lesson 06); it agrees where
+        # rows are whole blocks, as in every linear layer of the course model and of TinyLlama.
+        # It also returns 1-D inputs as (1, n).
         if x.shape[-1] % blocksize == 0:
             assert torch.equal(ours, bnbf.dequantize_4bit(bnb_packed, state).reshape(x.shape))
             count += 1
@@ -319,3 +320,43 @@ def test_fake_quantize_changes_every_linear_but_the_head():
     assert nf4.fake_quantize_linear_layers(model, nf4.nf4_roundtrip) == 2 * 7
     assert torch.equal(model.lm_head.weight, head)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, nf4.nf4_roundtrip(q_proj))
+
+
+# --- when the library disagrees: the definition decides -----------------------------------------
+
+def dequantize_by_definition(packed, absmax, shape, blocksize):
+    """One element at a time: the i-th 4-bit index (high nibble first) times its block's absmax."""
+    n = math.prod(shape)
+    values = []
+    for i in range(n):
+        byte = int(packed.reshape(-1)[i // 2])
+        index = byte >> 4 if i % 2 == 0 else byte & 0xF
+        values.append(float(nf4.NF4_CODE[index]) * float(absmax[i // blocksize]))
+    return torch.tensor(values, dtype=torch.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("shape, blocksize", [((2, 96), 64), ((3, 32), 64), ((64, 64), 256),
+                                              ((5, 40), 64), ((3, 100), 64), ((7,), 64)])
+def test_dequantize_nf4_is_the_definition_on_shapes_whose_rows_are_not_whole_blocks(shape, blocksize):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(11))
+    packed, absmax = nf4.quantize_nf4(x, blocksize)
+    ours = nf4.dequantize_nf4(packed, absmax, x.shape, blocksize, x.dtype)
+    assert torch.equal(ours, dequantize_by_definition(packed, absmax, x.shape, blocksize))
+    half_gap = (nf4.NF4_CODE[1:] - nf4.NF4_CODE[:-1]).max() / 2
+    bound = half_gap * absmax.repeat_interleave(blocksize)[:x.numel()].reshape(x.shape)
+    assert ((ours - x).abs() <= bound + 1e-6).all()
+
+
+def test_the_pinned_native_cpu_kernel_is_wrong_exactly_where_lesson_06_says():
+    """bitsandbytes 0.50.2's native CPU dequantize_4bit: wrong for a 2-D tensor of more than one row
+    and one block whose rows are a multiple of 16 values long but not of the block size. If an
+    upgrade fixes it, this fails: rewrite lesson 06's section."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(r, c, b) for r in (1, 2, 3, 8) for c in (16, 32, 40, 48, 64, 96, 100, 128) for b in (64, 128)]
+    for rows, columns, blocksize in shapes:
+        x = torch.randn(rows, columns, generator=generator)
+        packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
+        native = bnbf.dequantize_4bit(packed, state).reshape(x.shape)
+        wrong = not torch.equal(native, dequantize_by_definition(packed, state.absmax, x.shape, blocksize))
+        expected = rows > 1 and rows * columns > blocksize and columns % blocksize != 0 and columns % 16 == 0
+        assert wrong == expected, (rows, columns, blocksize)
