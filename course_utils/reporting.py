@@ -36,6 +36,14 @@ class ClaimError(AssertionError):
 STRICT_CLAIMS_VARIABLE = "COURSE_STRICT_CLAIMS"
 
 
+class Verdicts(dict):
+    """``{statement: holds}``; a notebook cell that ends with ``check_claims(...)`` shows nothing
+    more, since the verdicts were printed one per line."""
+
+    def _ipython_display_(self):
+        pass
+
+
 def check_claims(claims: dict[str, bool], strict: bool | None = None) -> dict[str, bool]:
     """Check what a lesson's text says about the numbers just measured, and print the verdicts.
 
@@ -49,7 +57,7 @@ def check_claims(claims: dict[str, bool], strict: bool | None = None) -> dict[st
     """
     if strict is None:
         strict = os.environ.get(STRICT_CLAIMS_VARIABLE) == "1"
-    verdicts = {}
+    verdicts = Verdicts()
     for statement, condition in claims.items():
         if not isinstance(condition, (bool, numpy.bool_)):
             raise TypeError(f"claim {statement!r}: the condition must be a bool (use .item() on a "
