@@ -37,7 +37,7 @@ import warnings as _warnings
 
 __version__ = "0.1.0"
 
-# Two notices the libraries print from their own code, which no lesson discusses; silenced here,
+# Notices the libraries print from their own code, which no lesson discusses; silenced here,
 # each by its exact text, so that every other warning still shows.
 # 1. peft and trl call `model.gradient_checkpointing_enable()` / `_disable()` and read
 #    `model.is_gradient_checkpointing`, which transformers 5 renamed (`activation_checkpointing_*`);
@@ -45,7 +45,11 @@ __version__ = "0.1.0"
 DEPRECATED_IN_LIBRARIES = (r"`(is_gradient_checkpointing|gradient_checkpointing_enable|"
                            r"gradient_checkpointing_disable)` is deprecated")
 _warnings.filterwarnings("ignore", message=DEPRECATED_IN_LIBRARIES, category=FutureWarning)
-# 2. bitsandbytes 0.50, on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hub when
+# 2. peft's prompt-learning models (lesson 03) ignore the position ids that `generate()` passes
+#    them, and say so on every call: peft assigns the positions itself (its virtual tokens come first).
+_warnings.filterwarnings("ignore", message=r"Position ids are not supported for parameter efficient tuning",
+                         category=UserWarning)
+# 3. bitsandbytes 0.50, on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hub when
 #    it is imported and logs the failure; its built-in CPU kernels are the ones the course uses.
 #    Notebooks import course_utils before peft, trl or bitsandbytes for this reason.
 KNOWN_NOTICES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
