@@ -11,6 +11,7 @@ Both sources end in the same schemas, so every lesson's formatting code sees one
 
 The Hub loaders take ``path_or_id``: a Hub id, or a local ``.jsonl`` file in the Hub schema.
 Tests pass the shipped samples in ``data/samples/`` so the Hub code path runs without a network.
+``preference_rows`` turns either source's pairs into the rows trl's reward and DPO trainers read.
 """
 
 from __future__ import annotations

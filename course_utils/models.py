@@ -4,6 +4,12 @@ One function, ``load_model_and_tokenizer``, serves every lesson and both profile
 for a Hub id (TinyLlama) is the same ``from_pretrained`` call; the only Hub-specific step is
 ``ensure_chat_setup``, because TinyLlama's *base* checkpoint ships no chat template and no padding
 token. Tests run that path on a local copy of the course model stripped the same way.
+
+Also here, because every lesson that trains needs them: ``bnb_4bit_config`` /
+``bnb_config_from_recipe`` (the quantization config), ``keep_cpu_4bit_weights_trainable`` (a
+bitsandbytes CPU pitfall, lesson 07), ``trainable_in_fp32`` (what fp16 mixed precision needs of
+trainable weights), ``parameter_count`` (weights counted as a 4-bit model holds them) and
+``release`` (a model's GPU memory given back).
 """
 
 from __future__ import annotations
