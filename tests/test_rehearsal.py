@@ -255,6 +255,10 @@ def library_warnings(notebook) -> list[str]:
             if LIBRARY_WARNING.search(line) and not any(text in line for text in CPU_FOR_GPU)]
 
 
+#: parameters the rehearsal sets, so that code paths a lesson runs only on request run here too
+PARAMETERS = {"09_ppo_rlhf": {"RUN_ABLATION": True}}
+
+
 def run_on_the_rehearsal(stems, artifacts, monkeypatch) -> dict:
     """Execute the lessons ``stems`` in order on the rehearsal profile; return seconds per lesson."""
     import nbformat
@@ -267,6 +271,11 @@ def run_on_the_rehearsal(stems, artifacts, monkeypatch) -> dict:
     seconds = {}
     for stem in stems:
         notebook = nbformat.read(NOTEBOOKS_DIR / f"{stem}.ipynb", as_version=4)
+        if stem in PARAMETERS:  # as papermill injects them: a cell after the parameters cell
+            at = next(i for i, cell in enumerate(notebook.cells)
+                      if "parameters" in cell.metadata.get("tags", []))
+            notebook.cells.insert(at + 1, nbformat.v4.new_code_cell(
+                "\n".join(f"{name} = {value!r}" for name, value in PARAMETERS[stem].items())))
         start = time.perf_counter()
         NotebookClient(notebook, timeout=600, kernel_name="python3",
                        resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}).execute()
