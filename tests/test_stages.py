@@ -16,7 +16,7 @@ from course_utils.profiles import tiny_profile
 
 SMALL = {"sft": {"max_steps: 150": "max_steps: 2"},
          "reward": {"max_steps: 150": "max_steps: 2"},
-         "dpo": {"max_steps: 100": "max_steps: 2"},
+         "dpo": {"max_steps: 60": "max_steps: 2"},
          "ppo": {"steps: 40 ": "steps: 1 ", "batch_size: 32": "batch_size: 4",
                  "minibatch_size: 16": "minibatch_size: 4"}}
 
