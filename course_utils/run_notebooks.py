@@ -56,7 +56,8 @@ def main(argv=None) -> int:
 
 def print_pipeline_table(path: Path | None = None) -> bool:
     """The course's headline table, written by lesson 11: every model of the pipeline on the same
-    held-out sets, with 95% bootstrap intervals. Returns whether it was found."""
+    held-out sets, with 95% intervals (Wilson for shares, resampling characters for scores). Returns
+    whether it was found."""
     import json
 
     from course_utils.evaluation import pipeline_table
@@ -65,7 +66,8 @@ def print_pipeline_table(path: Path | None = None) -> bool:
     if not path.exists():
         print(f"\nno pipeline table at {path}: run notebooks/11_evaluation.ipynb")
         return False
-    print("\nthe pipeline side by side (lesson 11; held-out sets, 95% bootstrap intervals)")
+    print("\nthe pipeline side by side (lesson 11; held-out sets; 95% intervals: Wilson for shares, "
+          "resampling characters for the RM score and win rate)")
     print(pipeline_table(json.loads(path.read_text())))
     return True
 
