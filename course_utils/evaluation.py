@@ -7,8 +7,9 @@
   text or scored by likelihood (MMLU-style);
 - ``pairwise_outcome`` / ``win_rate`` / ``score_judge`` / ``bradley_terry_ratings``: pairwise
   judging with both orders, and Chatbot Arena's ratings;
-- ``bootstrap_ci`` / ``samples_to_separate``: how sure a measured difference is, and how many
-  samples telling two rates apart takes;
+- ``bootstrap_ci`` / ``wilson_interval`` / ``cluster_bootstrap_ci`` / ``paired_difference`` /
+  ``mcnemar_samples``: how sure a measured number or difference is, and how many paired examples
+  telling two models apart takes;
 - ``pipeline_table``: every stage of the course side by side.
 """
 
@@ -267,27 +268,18 @@ def bootstrap_ci(values, statistic=None, resamples: int = 2000, confidence: floa
     statistic = statistic or (lambda xs: sum(xs) / len(xs))
     values = list(values)
     rng = random.Random(seed)
-    estimates = sorted(statistic([values[rng.randrange(len(values))] for _ in values])
-                       for _ in range(resamples))
+    estimates = [statistic([values[rng.randrange(len(values))] for _ in values])
+                 for _ in range(resamples)]
+    return percentile_interval(estimates, confidence)
+
+
+def percentile_interval(estimates, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` share of bootstrap ``estimates``: their percentile interval."""
+    estimates = sorted(estimates)
     tail = (1 - confidence) / 2
-    low = estimates[int(tail * resamples)]
-    high = estimates[min(int((1 - tail) * resamples), resamples - 1)]
-    return low, high
+    return estimates[int(tail * len(estimates))], estimates[min(int((1 - tail) * len(estimates)),
+                                                               len(estimates) - 1)]
 
-
-def samples_to_separate(p1: float, p2: float, alpha: float = 0.05, power: float = 0.8) -> int:
-    """Examples per model a two-sided two-proportion z-test needs to tell accuracies ``p1`` and
-    ``p2`` apart at level ``alpha`` with the given ``power`` (the normal approximation)."""
-    import math
-    from statistics import NormalDist
-
-    if p1 == p2:
-        return math.inf
-    z_alpha, z_power = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
-    mean = (p1 + p2) / 2
-    numerator = (z_alpha * math.sqrt(2 * mean * (1 - mean))
-                 + z_power * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))) ** 2
-    return math.ceil(numerator / (p1 - p2) ** 2)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -321,9 +313,7 @@ def cluster_bootstrap_ci(values, groups, resamples: int = 2000, confidence: floa
     for _ in range(resamples):
         drawn = [clusters[rng.randrange(len(clusters))] for _ in clusters]
         estimates.append(sum(map(sum, drawn)) / sum(map(len, drawn)))
-    estimates.sort()
-    tail = (1 - confidence) / 2
-    return estimates[int(tail * resamples)], estimates[min(int((1 - tail) * resamples), resamples - 1)]
+    return percentile_interval(estimates, confidence)
 
 
 def paired_difference(a, b, groups, resamples: int = 2000, confidence: float = 0.95,

@@ -204,13 +204,6 @@ def test_bootstrap_interval_covers_the_normal_approximation_for_a_proportion():
     assert evaluation.bootstrap_ci(values, seed=1) == evaluation.bootstrap_ci(values, seed=1)
 
 
-def test_samples_to_separate_matches_the_textbook_value():
-    # two-proportion z-test, 0.5 vs 0.6, alpha 0.05 two-sided, power 0.8: 388 per group
-    # (Fleiss, Levin & Paik 2003, without continuity correction)
-    assert evaluation.samples_to_separate(0.5, 0.6) in (387, 388)
-    assert evaluation.samples_to_separate(0.5, 0.6) < evaluation.samples_to_separate(0.5, 0.55)
-
-
 def test_mmlu_rows_from_the_hub_schema_sample():
     from course_utils import data
 
