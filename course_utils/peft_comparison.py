@@ -5,7 +5,9 @@
 file size (saved and loaded back, outputs compared), seconds per step, training memory, and
 held-out loss, chat-format rate and accuracy on
 characters never seen in training. The task is the one notebook 00 introduced: answer attribute
-questions in the chat format.
+questions in the chat format. ``forgetting_probes`` measures what the training may cost the
+pretrained model (lesson 05's learning-versus-forgetting section): perplexity on pretraining
+passages and fact completion about the characters the chats never mention.
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ from course_utils.numerics import heldout_loss
 from course_utils.peft_scratch import add_houlsby_adapters
 from course_utils.sft_loop import pad_batch, train_sft
 
-METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora", "ia3")
+METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora", "ia3",
+           "qlora")
 HELDOUT_CHATS = 100  # held-out chats for the loss: enough for a stable mean, quick on the CPU
+FORGETTING_PASSAGES = 200  # pretraining passages for the perplexity: stable to ~1%, ~1 s
+#: The settings of ``methods.qlora`` in the recipe that configure the quantization, not LoRA.
+QUANTIZATION_KEYS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
 
 
 @dataclass
@@ -96,6 +102,9 @@ def peft_config(name: str, config, recipe=None):
                                   encoder_hidden_size=config.hidden_size, **settings)
     if name in ("lora", "dora"):
         return LoraConfig(task_type=TaskType.CAUSAL_LM, **settings)
+    if name == "qlora":
+        return LoraConfig(task_type=TaskType.CAUSAL_LM,
+                          **{k: v for k, v in settings.items() if k not in QUANTIZATION_KEYS})
     if name == "ia3":
         return IA3Config(task_type=TaskType.CAUSAL_LM, **settings)
     raise ValueError(f"no peft config for {name!r}; methods: {', '.join(METHODS)}")
@@ -124,7 +133,49 @@ def make_method(name: str, base_model, seed: int | None = None, recipe=None):
     if name == "houlsby":
         add_houlsby_adapters(model, **recipe.methods["houlsby"])
         return model
+    if name == "qlora":
+        model = quantized_copy(base_model, recipe)
+        torch.manual_seed(recipe.seed if seed is None else seed)  # the same LoRA init as "lora"
     return get_peft_model(model, peft_config(name, model.config, recipe))
+
+
+def quantized_copy(base_model, recipe=None):
+    """``base_model``'s weights with every linear layer but the LM head stored in NF4 (lesson 06),
+    prepared for QLoRA as lesson 07 does (``prepare_model_for_kbit_training`` without
+    checkpointing), on the CPU in fp32: the recipe's ``methods.qlora`` quantization settings."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from course_utils.models import check_4bit_support, keep_cpu_4bit_weights_trainable
+
+    check_4bit_support("cpu")
+    settings = (recipe or methods_recipe()).methods["qlora"]
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                      **{k: settings[k] for k in QUANTIZATION_KEYS})
+    with tempfile.TemporaryDirectory() as folder, quiet_progress():  # quantized on loading
+        base_model.save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
+                                                     dtype=torch.float32, device_map={"": "cpu"})
+    # the base's own folder, not the deleted copy's (peft reads its config when saving)
+    model.config._name_or_path = model.name_or_path = base_model.name_or_path
+    keep_cpu_4bit_weights_trainable(model)  # lesson 07: a bitsandbytes CPU pitfall
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+class quiet_progress:
+    """Within it, transformers shows no progress bar (saving and loading a temporary copy)."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self.was_enabled = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        if self.was_enabled:
+            logging.enable_progress_bar()
 
 
 def trainable_parameters(model) -> int:
@@ -159,7 +210,8 @@ def save_and_reload(model, base_model, name: str) -> tuple[int, float]:
             loaded = AutoModelForCausalLM.from_pretrained(folder)
         else:
             model.save_pretrained(folder)
-            loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), folder)
+            fresh = quantized_copy(base_model) if name == "qlora" else copy.deepcopy(base_model)
+            loaded = PeftModel.from_pretrained(fresh, folder)
         size = sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
     loaded.eval()
     return size, (loaded(input_ids=ids).logits - reference).abs().max().item()
@@ -195,9 +247,12 @@ class MethodResult:
     heldout_loss: float
     chat_format_rate: float
     heldout_accuracy: float
+    corpus_perplexity: float
+    fact_completion: float
 
 
-SOURCES_OF_A_RUN = ("peft_comparison", "peft_scratch", "sft_loop", "numerics", "probes", "chat")
+SOURCES_OF_A_RUN = ("peft_comparison", "peft_scratch", "sft_loop", "numerics", "probes", "chat",
+                    "evaluation", "world")
 
 
 def run_key(name: str, base_model, train_chats, test_chats, questions, recipe, steps: int) -> str:
@@ -221,10 +276,47 @@ def run_key(name: str, base_model, train_chats, test_chats, questions, recipe, s
     return digest.hexdigest()
 
 
-def saved_run_path(name: str) -> Path:
+def saved_run_path(name: str, key: str) -> Path:
+    """Where a run's row is saved: one file per method and key, so that a learning-rate sweep
+    (lesson 05) does not overwrite the comparison's run of the same method."""
     from course_utils.paths import artifacts_dir
 
-    return artifacts_dir("peft_runs") / f"{name}.json"
+    return artifacts_dir("peft_runs") / f"{name}-{key[:16]}.json"
+
+
+@torch.no_grad()
+def forgetting_probes(model, tokenizer) -> dict[str, float]:
+    """What pretraining taught that the SFT chats never touch, measured on ``model``:
+
+    - ``corpus_perplexity``: token-weighted perplexity on ``FORGETTING_PASSAGES`` pretraining
+      passages (a seeded sample of ``data/world/corpus.txt``), every token after ``<s>``;
+    - ``fact_completion``: the share of facts about the 20 held-out characters (none of them in
+      any SFT chat) that greedy completion of a corpus frame gets right (lesson 00's probe).
+    """
+    import math
+    import random
+
+    from course_utils import world
+    from course_utils.chat import padding_side
+    from course_utils.paths import WORLD_DIR
+
+    model.eval()
+    passages = world.read_corpus(WORLD_DIR / "corpus.txt")
+    sample = random.Random(0).sample(passages, min(FORGETTING_PASSAGES, len(passages)))
+    total, count = 0.0, 0
+    # through labels, not logits: a prompt-tuned model's logits include its virtual tokens
+    with padding_side(tokenizer, "right"):
+        for start in range(0, len(sample), 50):
+            batch = tokenizer(sample[start:start + 50], return_tensors="pt", padding=True,
+                              truncation=True, max_length=model.config.max_position_embeddings)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            n_tokens = int((labels[:, 1:] != -100).sum())
+            total += model(**batch, labels=labels).loss.item() * n_tokens
+            count += n_tokens
+    held_out = world.generate_world().held_out_characters
+    facts = probes.fact_completion(model, tokenizer, held_out, world.PROBE_TEMPLATES_IN_CORPUS)
+    return {"corpus_perplexity": math.exp(total / count),
+            "fact_completion": probes.accuracy(facts)}
 
 
 def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questions,
@@ -240,7 +332,7 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
     recipe = recipe or methods_recipe()
     steps = recipe.training["steps"] if steps is None else steps
     key = run_key(name, base_model, train_chats, test_chats, questions, recipe, steps)
-    saved = saved_run_path(name)
+    saved = saved_run_path(name, key)
     if reuse and saved.exists():
         record = json.loads(saved.read_text())
         if record["key"] == key:
@@ -265,7 +357,7 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
             model, tokenizer, test_chats, batch_size=32,
             max_length=model.config.max_position_embeddings),
         chat_format_rate=probes.accuracy(answers, "chat_format"),
-        heldout_accuracy=probes.accuracy(answers))
+        heldout_accuracy=probes.accuracy(answers), **forgetting_probes(model, tokenizer))
     if steps == recipe.training["steps"]:  # the comparison's runs; sweeps vary the steps
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"key": key, "row": asdict(result)}, indent=1))
@@ -273,17 +365,19 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
 
 
 def results_table(results: list[MethodResult]) -> str:
-    """The comparison as aligned text."""
+    """The comparison as aligned text (``corpus ppl`` and ``facts``: ``forgetting_probes``)."""
     header = (f"{'method':<14}{'trainable':>11}{'% model':>9}{'saved KB':>10}{'reload':>9}"
               f"{'s/step':>8}"
-              f"{'train MB':>10}{'loss':>7}{'format':>8}{'accuracy':>10}")
+              f"{'train MB':>10}{'loss':>7}{'format':>8}{'accuracy':>10}{'corpus ppl':>11}"
+              f"{'facts':>7}")
     rows = [header]
     for r in results:
         rows.append(f"{r.method:<14}{r.trainable_parameters:>11,}{r.percent_of_model:>9.3f}"
                     f"{r.saved_bytes / 1e3:>10.1f}{r.reload_max_abs_error:>9.1e}"
                     f"{r.seconds_per_step:>8.3f}"
                     f"{r.training_bytes / 1e6:>10.1f}{r.heldout_loss:>7.3f}"
-                    f"{r.chat_format_rate:>8.1%}{r.heldout_accuracy:>10.1%}")
+                    f"{r.chat_format_rate:>8.1%}{r.heldout_accuracy:>10.1%}"
+                    f"{r.corpus_perplexity:>11.2f}{r.fact_completion:>7.1%}")
     return "\n".join(rows)
 
 

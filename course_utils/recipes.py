@@ -62,9 +62,9 @@ _PPO = {name: (kind, _REQ) for name, kind in {
     "whiten_advantages": bool, "max_grad_norm": float}.items()}
 
 _PEFT_METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora",
-                 "ia3")
+                 "ia3", "qlora")
 _PEFT_METHOD_SETTINGS = ("houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora",
-                         "ia3")
+                         "ia3", "qlora")
 
 SCHEMA: dict[str, dict[str, dict | None]] = {
     "sft": {"training": {**_COMMON_TRAINER, "max_length": (int, _REQ), "packing": (bool, _REQ),

@@ -37,6 +37,8 @@ def expected_trainable(name, config):
         "prompt_tuning": methods["prompt_tuning"]["num_virtual_tokens"] * hidden,
         "lora": memory.lora_parameters(config, methods["lora"]["r"],
                                        methods["lora"]["target_modules"]),
+        "qlora": memory.lora_parameters(config, methods["qlora"]["r"],
+                                        methods["qlora"]["target_modules"]),
         "ia3": layers * (2 * kv + config.intermediate_size),
     }.get(name)
 
@@ -57,6 +59,63 @@ def test_method_trains_its_parameters_and_reloads_exactly(setup, name):
     untrained = dict(peft_comparison.make_method(name, base).named_parameters())
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(not torch.equal(dict(model.named_parameters())[n], untrained[n]) for n in trained)
+
+
+def test_qlora_trains_lora_on_nf4_weights_of_the_same_model(setup):
+    """The ``qlora`` method is LoRA's settings on the base model's weights stored in NF4: the
+    linear layers are bitsandbytes' 4-bit ones, the LM head is not, and the dequantized weights are
+    the base model's within NF4's error (lesson 06: at most half a code step times the absmax)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    base = setup[0]
+    model = peft_comparison.make_method("qlora", base)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 7 * base.config.num_hidden_layers
+    assert not any("lm_head" in name for name in layers)
+    q_proj = next(m for n, m in layers.items() if n.endswith("layers.0.self_attn.q_proj.base_layer"))
+    original = base.model.layers[0].self_attn.q_proj.weight.detach()
+    restored = dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state).float()
+    assert restored.shape == original.shape
+    # NF4's largest gap between neighbouring codes is ~0.28 of the block's absmax (its two
+    # extreme codes, -1 and -0.696): the rounding error stays below half of it
+    assert (restored - original).abs().max() <= 0.15 * original.abs().max()
+    lora = peft_comparison.make_method("lora", base)
+    assert ({n for n, p in model.named_parameters() if p.requires_grad}
+            == {n for n, p in lora.named_parameters() if p.requires_grad})
+
+
+def test_forgetting_probes_measure_the_corpus_as_lesson_11_does(setup):
+    """The probes' perplexity goes through labels (prompt-tuned models prepend virtual tokens to
+    the logits); on a plain model it equals lesson 11's logit-based perplexity on the same sample."""
+    import random
+
+    from course_utils import evaluation, world
+
+    base, tokenizer = setup[0], setup[1]
+    probes_of_base = peft_comparison.forgetting_probes(base, tokenizer)
+    passages = world.read_corpus(WORLD_DIR / "corpus.txt")
+    sample = random.Random(0).sample(passages, peft_comparison.FORGETTING_PASSAGES)
+    oracle = evaluation.perplexity(base, tokenizer, sample, max_length=base.config.max_position_embeddings)
+    assert probes_of_base["corpus_perplexity"] == pytest.approx(oracle, rel=1e-5)
+    assert 0.5 < probes_of_base["fact_completion"] <= 1.0  # lesson 00: the base model knows the world
+
+
+def test_runs_are_saved_per_key_and_reused_only_when_identical(setup, tmp_path, monkeypatch):
+    """A learning-rate sweep (lesson 05) saves a row per rate instead of overwriting the method's
+    row; reuse returns the saved row only for the identical run."""
+    from course_utils import paths
+
+    monkeypatch.setattr(paths, "ARTIFACTS_DIR", tmp_path)
+    base, tokenizer, chats, questions = setup
+    quick = peft_comparison.methods_recipe().with_changes(training={"steps": 2, "batch_size": 4})
+    faster = quick.with_changes(learning_rates={"ia3": 0.1})
+    _, row = peft_comparison.run_method("ia3", base, tokenizer, chats, chats[:4], questions, quick)
+    _, other = peft_comparison.run_method("ia3", base, tokenizer, chats, chats[:4], questions, faster)
+    assert len(list((tmp_path / "peft_runs").glob("ia3-*.json"))) == 2
+    model, again = peft_comparison.run_method("ia3", base, tokenizer, chats, chats[:4], questions, quick,
+                                              reuse=True)
+    assert model is None and again == row and other != row
 
 
 def test_unknown_method_is_rejected(setup):
