@@ -6,11 +6,19 @@ PATH is a notebook, a folder of notebooks, or a class folder holding one folder 
 1. finds its source in ``solutions/`` (by the notebook's ``metadata["course"]["exercise"]``, else
    by its file name), and takes every graded test cell *from the source*: hidden tests come
    back, and a student who edited or deleted a visible test is graded by the original;
-2. runs the student's cells and the test cells in a fresh kernel, one cell at a time, with a time
-   limit per cell and a cap on how much a cell may print, with ``COURSE_PROFILE=tiny`` and a
-   fresh ``COURSE_GRADER_SEED`` for the hidden inputs;
-3. awards a question's points when its test cell runs without an exception, and otherwise
-   reports what went wrong in one line, with the question's hint.
+2. runs the student's cells, and only those, in a fresh kernel inside ``course_utils.sandbox``'s
+   limits (memory, CPU time, processes, file size, files it may read, network, environment), one
+   cell at a time, with a time limit per cell and a cap on how much a cell may print;
+3. runs the test cells in the *judge* (``course_utils.judge``), a separate process that never runs
+   student code: the hidden inputs (from a fresh ``COURSE_GRADER_SEED``), the references and the
+   comparisons happen there, and each call to an answer function is forwarded to the student's
+   kernel as plain data and its result sent back the same way;
+4. awards a question's points when its test cell runs without an exception in the judge, and
+   otherwise reports what went wrong in one line, with the question's hint.
+
+Nothing the submission does in its own process (patching the check helpers, ``torch``, builtins,
+printing "passed", exiting, reading files) can change a verdict: the judge only sees the values
+its functions return.
 
 Student code that raises, hangs, prints a flood or returns the wrong type costs only the questions
 whose tests fail. The exit status is 0 whenever grading ran, whatever the scores; 2 for a grader
@@ -24,7 +32,11 @@ import json
 import os
 import random
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -32,9 +44,11 @@ from pathlib import Path
 
 from course_utils.checks import SEED_VARIABLE
 from course_utils.exercises import SOLUTIONS_DIR, cell_text
+from course_utils.sandbox import Limits, clean_environment
 
 DEFAULT_CELL_TIMEOUT_S = 120
 DEFAULT_OUTPUT_LIMIT_CHARS = 20_000
+MAX_KERNEL_RESTARTS = 3  # per submission: a crash costs its question, a crash loop the rest
 EXERCISE_NAME = re.compile(r"(ex\d\d_[a-z0-9_]+?)(?:[ _-]*\(\d+\)|-checkpoint)?\.ipynb$")
 
 
@@ -94,12 +108,10 @@ def read_notebook(path: Path) -> dict:
 
 
 GUARD_CELL = '''\
-import os as _os
-_os.environ["{seed_variable}"] = "{seed}"
-_os.environ["MPLBACKEND"] = "Agg"
 from course_utils.grade import install_output_guard as _install_output_guard
 _install_output_guard({limit})
 '''
+SERVE_CELL = '__import__("course_utils.judge", fromlist=["serve_call"]).serve_call({name!r})'
 
 
 def install_output_guard(limit_chars: int) -> None:
@@ -133,36 +145,24 @@ def install_output_guard(limit_chars: int) -> None:
     get_ipython().events.register("pre_run_cell", reset)
 
 
-def grading_notebook(student: dict, source: dict, seed: int, output_limit: int):
-    """The notebook the kernel runs: a guard cell, the student's cells, the source's test cells.
-
-    Returns ``(nbformat notebook, {cell index: grade_id})``. Test cells the student deleted are
-    appended at the end; grade ids a student invented are ignored.
-    """
+def grading_notebook(student: dict, source: dict, output_limit: int):
+    """The notebook the student's kernel runs: a guard cell, then the student's cells without the
+    graded test cells (those run in the judge, taken from the source). Cells whose grade id a
+    student invented run as ordinary cells."""
     import nbformat
 
-    tests = {meta["grade_id"]: source["cells"][i] for i, meta in graded_cells(source)}
-    cells, positions, placed = [], {}, set()
-    cells.append(nbformat.v4.new_code_cell(GUARD_CELL.format(
-        seed_variable=SEED_VARIABLE, seed=seed, limit=output_limit)))
+    test_ids = {meta["grade_id"] for _, meta in graded_cells(source)}
+    cells = [nbformat.v4.new_code_cell(GUARD_CELL.format(limit=output_limit))]
     for cell in student["cells"]:
         if cell.get("cell_type") != "code":
             continue
-        grade_id = cell.get("metadata", {}).get("course", {}).get("grade_id")
-        if grade_id in tests and grade_id not in placed:
-            positions[len(cells)] = grade_id
-            placed.add(grade_id)
-            cells.append(nbformat.v4.new_code_cell(cell_text(tests[grade_id])))
-        else:
-            cells.append(nbformat.v4.new_code_cell(cell_text(cell)))
-    for grade_id, test in tests.items():
-        if grade_id not in placed:
-            positions[len(cells)] = grade_id
-            cells.append(nbformat.v4.new_code_cell(cell_text(test)))
+        if cell.get("metadata", {}).get("course", {}).get("grade_id") in test_ids:
+            continue
+        cells.append(nbformat.v4.new_code_cell(cell_text(cell)))
     notebook = nbformat.v4.new_notebook(cells=cells)
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+    notebook.metadata["kernelspec"] = {"name": "course-sandbox", "display_name": "Python 3 (graded)",
                                        "language": "python"}
-    return notebook, positions
+    return notebook
 
 
 def one_line(text: str, limit: int = 160) -> str:
@@ -170,50 +170,234 @@ def one_line(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def run_cells(notebook, workdir: Path, timeout_s: float) -> dict[int, tuple[str, str]]:
-    """Execute ``notebook`` cell by cell; return ``{index: (status, message)}`` per code cell."""
+def _sandbox_client_class():
+    """nbclient's client, starting its kernel through ``course_utils.sandbox`` and dropping output
+    past a cap (the kernel's own guard can be undone by the submission; this one cannot)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
+
+    class SandboxClient(NotebookClient):
+        spec_dir: str = ""
+        output_cap: int = DEFAULT_OUTPUT_LIMIT_CHARS
+        printed: dict
+
+        def create_kernel_manager(self):
+            self.km = AsyncKernelManager(
+                kernel_name="course-sandbox", config=self.config,
+                kernel_spec_manager=KernelSpecManager(kernel_dirs=[self.spec_dir]))
+            return self.km
+
+        def output(self, outs, msg, display_id, cell_index):
+            content = msg.get("content", {})
+            size = len(str(content.get("text", ""))) + len(str(content.get("data", "")))
+            self.printed[cell_index] = self.printed.get(cell_index, 0) + size
+            if self.printed[cell_index] > self.output_cap:
+                return None
+            return super().output(outs, msg, display_id, cell_index)
+
+    return SandboxClient
+
+
+def _cell_outcome(content: dict, printed: int, output_limit: int) -> tuple[str, str]:
+    if printed > 2 * output_limit:
+        return "error", f"printed more than {output_limit:,} characters in one cell"
+    if content.get("status") == "ok":
+        return "passed", ""
+    if content.get("ename") == "Timeout":
+        return "timeout", f"timed out: {content.get('evalue')}"
+    ename, evalue = content.get("ename", "Error"), content.get("evalue", "")
+    if ename == "NotImplementedError":
+        return "error", f"not answered yet (NotImplementedError: {evalue})"
+    return ("failed" if ename == "AssertionError" else "error",
+            f"{ename}: {evalue}" if evalue else ename)
+
+
+def _kernel_pid(client) -> int | None:
+    try:
+        return client.km.provisioner.process.pid
+    except AttributeError:
+        return None
+
+
+def _kill_strays(client) -> None:
+    """After every cell and call: whatever the kernel forked and left running goes."""
+    from course_utils.sandbox import kill_strays
+
+    pid = _kernel_pid(client)
+    if pid and sys.platform.startswith("linux"):
+        kill_strays(pid)
+
+
+def _kill_kernel_group(client) -> None:
+    """Kill whatever the kernel left running (a fork bomb's children share its process group)."""
+    try:
+        pid = client.km.provisioner.process.pid
+        os.killpg(pid, signal.SIGKILL)
+    except (AttributeError, ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+def run_submission(notebook, source_path: Path, seed: int, timeout_s: float, output_limit: int,
+                   limits: Limits) -> tuple[dict[int, tuple[str, str]], dict, dict]:
+    """Run the student's ``notebook`` in a sandboxed kernel, then the judge against it.
+
+    Returns ``(cell outcomes of the student's cells, {grade_id: (status, message)} from the judge,
+    what the sandbox enforced)``.
+    """
     from nbclient.exceptions import DeadKernelError
 
+    workdir = Path(tempfile.mkdtemp(prefix="course-grade-"))
+    spec_dir = Path(tempfile.mkdtemp(prefix="course-kernel-"))
+    (spec_dir / "course-sandbox").mkdir()
+    (spec_dir / "course-sandbox" / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "course_utils.sandbox", limits.to_json(), str(workdir),
+                 "{connection_file}"],
+        "display_name": "Python 3 (graded)", "language": "python"}))
+    os.chmod(workdir, 0o755)
+    judge_log = tempfile.TemporaryFile(mode="w+")
+    judge_env = {**clean_environment(workdir, {}), "COURSE_PROFILE": "tiny", "MPLBACKEND": "Agg",
+                 SEED_VARIABLE: str(seed), "HOME": os.environ.get("HOME", str(workdir))}
+    # the judge sets up the solution's context while the student's cells run
+    judge = subprocess.Popen([sys.executable, "-m", "course_utils.judge", str(source_path),
+                              str(max(timeout_s, 60))], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=judge_log, text=True, env=judge_env)
     replies: dict[int, dict] = {}
-    client = NotebookClient(
-        notebook, timeout=timeout_s, kernel_name="python3", allow_errors=True,
-        interrupt_on_timeout=True, record_timing=False,
+    client = _sandbox_client_class()(
+        notebook, timeout=timeout_s, kernel_name="course-sandbox", allow_errors=True,
+        interrupt_on_timeout=True, record_timing=False, startup_timeout=120,
         error_on_timeout={"ename": "Timeout", "evalue": f"no result after {timeout_s:g} s",
                           "traceback": []},
         resources={"metadata": {"path": str(workdir)}},
         on_cell_executed=lambda cell, cell_index, execute_reply: replies.__setitem__(
             cell_index, execute_reply))
-    results: dict[int, tuple[str, str]] = {}
-    with client.setup_kernel(env={**os.environ, "COURSE_PROFILE": "tiny"}):
-        for index, cell in enumerate(notebook.cells):
+    client.spec_dir, client.output_cap, client.printed = str(spec_dir), 2 * output_limit, {}
+    outcomes: dict[int, tuple[str, str]] = {}
+    verdicts: dict = {}
+    kernel_env = clean_environment(workdir, {"COURSE_PROFILE": "tiny", "MPLBACKEND": "Agg"})
+    dead = None
+    try:
+        with client.setup_kernel(env=kernel_env, cwd=str(workdir)):
+            try:
+                for index, cell in enumerate(list(notebook.cells)):
+                    try:
+                        client.execute_cell(cell, index)
+                    except DeadKernelError:
+                        dead = f"the kernel died in cell {index}"
+                        for rest in range(index, len(notebook.cells)):
+                            outcomes[rest] = ("error", dead)
+                        break
+                    outcomes[index] = _cell_outcome(replies.get(index, {}).get("content", {}),
+                                                    client.printed.get(index, 0), output_limit)
+                    cell.outputs = []  # keep memory flat whatever the cell printed
+                    _kill_strays(client)
+                verdicts = _serve_judge(judge, client, notebook, workdir, timeout_s, output_limit,
+                                        replies, dead)
+            finally:
+                _kill_kernel_group(client)
+    finally:
+        if judge.poll() is None:
+            judge.kill()
+        judge.wait()
+        judge_log.seek(0)
+        judge_errors = judge_log.read()[-2000:]
+        judge_log.close()
+        enforced = {}
+        try:
+            enforced = json.loads((workdir / "sandbox.json").read_text())
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(spec_dir, ignore_errors=True)
+    if "grader_error" in verdicts:
+        raise GraderError(f"the judge could not run {source_path}: {verdicts['grader_error']}")
+    if "verdicts" not in verdicts:
+        raise GraderError(f"the judge stopped without verdicts for {source_path}: {judge_errors}")
+    return outcomes, verdicts["verdicts"], enforced
+
+
+def _serve_judge(judge, client, notebook, workdir: Path, timeout_s: float, output_limit: int,
+                 replies: dict, dead: str | None) -> dict:
+    """Answer the judge's calls with the student's kernel until it sends its verdicts."""
+    import nbformat
+    from nbclient.exceptions import DeadKernelError
+
+    from course_utils.judge import REPLY_FILE, REQUEST_FILE
+
+    student_cells = len(notebook.cells)
+    restarts = 0
+    while True:
+        line = judge.stdout.readline()
+        if not line:
+            return {}
+        message = json.loads(line)
+        if "call" not in message:
+            return message
+        if dead:
+            reply = {"status": "raised", "ename": "KernelDied", "evalue": dead}
+        else:
+            request, answer = workdir / REQUEST_FILE, workdir / REPLY_FILE
+            answer.unlink(missing_ok=True)
+            request.write_text(json.dumps({"args": message["args"], "kwargs": message["kwargs"]}))
+            os.chmod(request, 0o644)
+            cell = nbformat.v4.new_code_cell(SERVE_CELL.format(name=message["call"]))
+            notebook.cells.append(cell)
+            index = len(notebook.cells) - 1
             try:
                 client.execute_cell(cell, index)
+                status, detail = _cell_outcome(replies.get(index, {}).get("content", {}),
+                                               client.printed.get(index, 0), output_limit)
             except DeadKernelError:
-                for rest in range(index, len(notebook.cells)):
-                    results[rest] = ("error", f"the kernel died in cell {index}")
-                break
-            content = replies.get(index, {}).get("content", {})
-            if content.get("status") == "ok":
-                results[index] = ("passed", "")
-            elif content.get("ename") == "Timeout":
-                results[index] = ("timeout", f"timed out: {content.get('evalue')}")
+                status, detail = "dead", f"the kernel died while running {message['call']}"
+            cell.outputs = []
+            _kill_strays(client)
+            if status == "dead":
+                reply = {"status": "raised", "ename": "KernelDied", "evalue": detail}
+                # a crash costs its own question: a fresh kernel runs the student's cells again
+                restarts += 1
+                if restarts > MAX_KERNEL_RESTARTS or not _restart(client, notebook, student_cells):
+                    dead = f"{detail}; not restarted"
+            elif status == "timeout":
+                reply = {"status": "raised", "ename": "Timeout",
+                         "evalue": f"{message['call']} gave no result after {timeout_s:g} s"}
             else:
-                ename, evalue = content.get("ename", "Error"), content.get("evalue", "")
-                if ename == "NotImplementedError":
-                    results[index] = ("error", f"not answered yet (NotImplementedError: {evalue})")
-                else:
-                    results[index] = ("failed" if ename == "AssertionError" else "error",
-                                      f"{ename}: {evalue}" if evalue else ename)
-            cell.outputs = []  # keep memory flat whatever the cell printed
-    return results
+                try:
+                    reply = json.loads(answer.read_text())
+                    if not isinstance(reply, dict) or reply.get("status") not in ("ok", "raised"):
+                        raise ValueError("not a reply")
+                except (OSError, ValueError):
+                    why = f" ({detail})" if detail else ""
+                    reply = {"status": "raised", "ename": "NoAnswer",
+                             "evalue": f"the kernel gave no answer from {message['call']}{why}"}
+        judge.stdin.write(json.dumps(reply) + "\n")
+        judge.stdin.flush()
+
+
+def _restart(client, notebook, student_cells: int) -> bool:
+    """Restart a dead kernel and run the student's cells in it again; False if that fails."""
+    from jupyter_core.utils import run_sync
+    from nbclient.exceptions import DeadKernelError
+
+    try:
+        _kill_kernel_group(client)
+        run_sync(client.km.restart_kernel)(now=True)
+        run_sync(client.kc.wait_for_ready)(timeout=client.startup_timeout)
+        for index in range(student_cells):
+            client.execute_cell(notebook.cells[index], index)
+            notebook.cells[index].outputs = []
+            _kill_strays(client)
+    except (DeadKernelError, RuntimeError, TimeoutError):
+        return False
+    return True
 
 
 def grade_notebook(path: Path, student: str | None = None, solutions_dir: Path = SOLUTIONS_DIR,
                    timeout_s: float = DEFAULT_CELL_TIMEOUT_S,
                    output_limit: int = DEFAULT_OUTPUT_LIMIT_CHARS,
-                   seed: int | None = None) -> list[QuestionResult]:
-    """Grade one notebook; raise ``GraderError`` only for problems that are not the student's."""
+                   seed: int | None = None, limits: Limits | None = None,
+                   report: dict | None = None) -> list[QuestionResult]:
+    """Grade one notebook; raise ``GraderError`` only for problems that are not the student's.
+    ``report``, if given, receives what the sandbox enforced (``report["sandbox"]``)."""
     student_nb = read_notebook(path)
     exercise = exercise_name(path, student_nb)
     source_path = Path(solutions_dir) / f"{exercise}.ipynb"
@@ -224,22 +408,21 @@ def grade_notebook(path: Path, student: str | None = None, solutions_dir: Path =
     if not questions:
         raise GraderError(f"{source_path} has no graded cells")
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
-    notebook, positions = grading_notebook(student_nb, source, seed, output_limit)
-    outcomes = run_cells(notebook, path.parent, timeout_s)
+    notebook = grading_notebook(student_nb, source, output_limit)
+    outcomes, verdicts, enforced = run_submission(notebook, source_path, seed, timeout_s,
+                                                  output_limit, limits or Limits())
+    if report is not None:
+        report["sandbox"] = enforced
     guard_status = outcomes.get(0, ("error", "grader setup cell did not run"))
     if guard_status[0] != "passed":
         raise GraderError(f"the grader's setup cell failed: {guard_status[1]}")
-    by_id = {}
-    for index, grade_id in positions.items():
-        status, message = outcomes.get(index, ("error", "not run"))
-        earlier = [i for i in range(1, index) if i not in positions
-                   and outcomes.get(i, ("passed",))[0] != "passed"]
-        if status != "passed" and message.startswith("NameError") and earlier:
-            message += f" (an earlier cell failed: {outcomes[earlier[0]][1]})"
-        by_id[grade_id] = (status, message)
+    failed_cells = [message for index, (status, message) in sorted(outcomes.items())
+                    if index > 0 and status != "passed"]
     results = []
     for _, meta in questions:
-        status, message = by_id[meta["grade_id"]]
+        status, message = verdicts.get(meta["grade_id"], ("error", "the judge did not reach it"))
+        if status != "passed" and "NameError" in message and failed_cells:
+            message += f" (an earlier cell failed: {failed_cells[0]})"
         passed = status == "passed"
         results.append(QuestionResult(
             student=student, notebook=str(path), exercise=exercise, question=meta["grade_id"],
