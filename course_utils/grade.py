@@ -28,6 +28,7 @@ problem (a missing file, a file that is not a notebook, an exercise with no solu
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -42,7 +43,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from course_utils.checks import SEED_VARIABLE
 from course_utils.exercises import SOLUTIONS_DIR, cell_text
 from course_utils.sandbox import Limits, clean_environment
 
@@ -255,13 +255,9 @@ def run_submission(notebook, source_path: Path, seed: int, timeout_s: float, out
                  "{connection_file}"],
         "display_name": "Python 3 (graded)", "language": "python"}))
     os.chmod(workdir, 0o755)
-    judge_log = tempfile.TemporaryFile(mode="w+")
-    judge_env = {**clean_environment(workdir, {}), "COURSE_PROFILE": "tiny", "MPLBACKEND": "Agg",
-                 SEED_VARIABLE: str(seed), "HOME": os.environ.get("HOME", str(workdir))}
+    judge = JUDGES.acquire(source_path, timeout_s)
     # the judge sets up the solution's context while the student's cells run
-    judge = subprocess.Popen([sys.executable, "-m", "course_utils.judge", str(source_path),
-                              str(max(timeout_s, 60))], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=judge_log, text=True, env=judge_env)
+    judge.send({"grade": str(source_path), "seed": seed})
     replies: dict[int, dict] = {}
     client = _sandbox_client_class()(
         notebook, timeout=timeout_s, kernel_name="course-sandbox", allow_errors=True,
@@ -296,12 +292,7 @@ def run_submission(notebook, source_path: Path, seed: int, timeout_s: float, out
             finally:
                 _kill_kernel_group(client)
     finally:
-        if judge.poll() is None:
-            judge.kill()
-        judge.wait()
-        judge_log.seek(0)
-        judge_errors = judge_log.read()[-2000:]
-        judge_log.close()
+        judge_errors = JUDGES.release(judge, finished="verdicts" in verdicts)
         enforced = {}
         try:
             enforced = json.loads((workdir / "sandbox.json").read_text())
@@ -316,6 +307,87 @@ def run_submission(notebook, source_path: Path, seed: int, timeout_s: float, out
     return outcomes, verdicts["verdicts"], enforced
 
 
+class JudgeProcess:
+    """One ``python -m course_utils.judge`` process: it grades one submission at a time and is
+    reused for the next submission of the same exercise (its imports are the slow part)."""
+
+    def __init__(self, source_path: Path, timeout_s: float):
+        self.source_path = source_path
+        self.log = tempfile.TemporaryFile(mode="w+")
+        env = {**clean_environment(Path(tempfile.gettempdir()), {}), "COURSE_PROFILE": "tiny",
+               "MPLBACKEND": "Agg", "HOME": os.environ.get("HOME", tempfile.gettempdir())}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "course_utils.judge", str(max(timeout_s, 60))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+
+    def send(self, message: dict) -> bool:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def receive(self) -> dict | None:
+        line = self.process.stdout.readline()
+        return json.loads(line) if line else None
+
+    def errors(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+
+class JudgePool:
+    """Idle judges per solution notebook, shared by the grading threads."""
+
+    def __init__(self):
+        import threading
+
+        self.idle: dict[tuple[str, float], list[JudgeProcess]] = {}
+        self.lock = threading.Lock()
+
+    def acquire(self, source_path: Path, timeout_s: float) -> JudgeProcess:
+        key = (str(Path(source_path).resolve()), timeout_s)
+        with self.lock:
+            waiting = self.idle.get(key, [])
+            while waiting:
+                judge = waiting.pop()
+                if judge.process.poll() is None:
+                    return judge
+                judge.close()
+        judge = JudgeProcess(source_path, timeout_s)
+        judge.timeout_key = timeout_s
+        return judge
+
+    def release(self, judge: JudgeProcess, finished: bool) -> str:
+        """Keep a judge that finished cleanly for the next submission; return its error log."""
+        errors = judge.errors()
+        if finished and judge.process.poll() is None:
+            key = (str(Path(judge.source_path).resolve()), judge.timeout_key)
+            with self.lock:
+                self.idle.setdefault(key, []).append(judge)
+        else:
+            judge.close()
+        return errors
+
+    def close(self) -> None:
+        with self.lock:
+            for judges in self.idle.values():
+                for judge in judges:
+                    judge.close()
+            self.idle.clear()
+
+
+JUDGES = JudgePool()
+atexit.register(JUDGES.close)
+
+
 def _serve_judge(judge, client, notebook, workdir: Path, timeout_s: float, output_limit: int,
                  replies: dict, dead: str | None) -> dict:
     """Answer the judge's calls with the student's kernel until it sends its verdicts."""
@@ -327,10 +399,9 @@ def _serve_judge(judge, client, notebook, workdir: Path, timeout_s: float, outpu
     student_cells = len(notebook.cells)
     restarts = 0
     while True:
-        line = judge.stdout.readline()
-        if not line:
+        message = judge.receive()
+        if message is None:
             return {}
-        message = json.loads(line)
         if "call" not in message:
             return message
         if dead:
@@ -369,8 +440,9 @@ def _serve_judge(judge, client, notebook, workdir: Path, timeout_s: float, outpu
                     why = f" ({detail})" if detail else ""
                     reply = {"status": "raised", "ename": "NoAnswer",
                              "evalue": f"the kernel gave no answer from {message['call']}{why}"}
-        judge.stdin.write(json.dumps(reply) + "\n")
-        judge.stdin.flush()
+        reply["id"] = message.get("id")
+        if not judge.send(reply):  # the judge stopped: what it said last is all there is
+            return {}
 
 
 def _restart(client, notebook, student_cells: int) -> bool:
@@ -464,6 +536,19 @@ def format_table(results: list[QuestionResult]) -> str:
     return "\n".join(lines)
 
 
+def sandbox_line(enforced: dict) -> str:
+    """What the students' kernels ran under, in one line (the limits this OS could not enforce
+    are named)."""
+    missing = [what for what, key in [("process limit", "process_limit_applies"),
+                                      ("file confinement", "files_confined"),
+                                      ("network confinement", "network_confined")]
+               if not enforced.get(key)]
+    return (f"sandbox: {enforced.get('memory_mb')} MB, {enforced.get('cpu_seconds')} s CPU, "
+            f"{enforced.get('processes')} processes, {enforced.get('file_mb')} MB files, "
+            f"runs as {enforced.get('runs_as')}, clean environment"
+            + (f"; not enforced on this OS: {', '.join(missing)}" if missing else ""))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m course_utils.grade",
@@ -478,12 +563,24 @@ def main(argv=None) -> int:
     parser.add_argument("--output-limit", type=int, default=DEFAULT_OUTPUT_LIMIT_CHARS,
                         help="characters a cell may print (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="seed for hidden inputs (default: fresh)")
+    defaults = Limits()
+    parser.add_argument("--memory-mb", type=int, default=defaults.memory_mb,
+                        help="address space of a student's kernel (default: %(default)s)")
+    parser.add_argument("--cpu-seconds", type=int, default=defaults.cpu_seconds,
+                        help="CPU time of a student's kernel, all cells (default: %(default)s)")
+    parser.add_argument("--processes", type=int, default=defaults.processes,
+                        help="processes and threads a kernel may add (default: %(default)s)")
+    parser.add_argument("--file-mb", type=int, default=defaults.file_mb,
+                        help="largest file a kernel may write (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="notebooks graded at once, each in its own kernel (default: 1; a "
                              "class grades about twice as fast with --jobs 2 on two cores)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be 1 or more")
+    limits = Limits(memory_mb=args.memory_mb, cpu_seconds=args.cpu_seconds,
+                    processes=args.processes, file_mb=args.file_mb)
+    sandbox_reports: list[dict] = []
 
     all_results, problems, pairs = [], [], []
     for raw in args.paths:
@@ -495,9 +592,11 @@ def main(argv=None) -> int:
     def grade_one(pair):
         student, path = pair
         start = time.perf_counter()
+        report: dict = {}
         try:
             results = grade_notebook(path, student, Path(args.solutions), args.timeout,
-                                     args.output_limit, args.seed)
+                                     args.output_limit, args.seed, limits, report)
+            sandbox_reports.append(report.get("sandbox", {}))
         except GraderError as error:
             return None, error, time.perf_counter() - start
         return results, None, time.perf_counter() - start
@@ -513,8 +612,12 @@ def main(argv=None) -> int:
             all_results += results
             print(format_table(results))
             print(f"  graded in {seconds:.1f} s\n", flush=True)
+    sandbox = sandbox_reports[0] if sandbox_reports else {}
+    if sandbox:
+        print(sandbox_line(sandbox))
     if args.json:
-        report = {"results": [asdict(r) for r in all_results], "problems": problems}
+        report = {"results": [asdict(r) for r in all_results], "problems": problems,
+                  "sandbox": sandbox}
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json} ({len(all_results)} rows)")
     return 2 if problems else 0

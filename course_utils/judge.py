@@ -346,11 +346,22 @@ def judge(solution_path: str, channel: _Channel, timeout_s: float) -> dict[str, 
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     context_ids: dict[int, str] = {}
 
+    calls = [0]
+
     def stand_in(name):
         def forward(*args, **kwargs):
-            channel.send({"call": name, "args": [encode(a, context_ids) for a in args],
-                          "kwargs": {k: encode(v, context_ids) for k, v in kwargs.items()}})
-            reply = channel.receive()
+            calls[0] += 1
+            message = {"call": name, "id": calls[0], "args": [encode(a, context_ids) for a in args],
+                       "kwargs": {k: encode(v, context_ids) for k, v in kwargs.items()}}
+            remaining = signal.alarm(0)  # the student's time is the grader's to limit, not ours
+            try:
+                channel.send(message)
+                reply = channel.receive()
+                while reply.get("id") != calls[0]:  # a late reply to an earlier call: not this one
+                    reply = channel.receive()
+            finally:
+                if remaining:
+                    signal.alarm(remaining)
             if reply["status"] == "ok":
                 return decode(reply["value"])
             _raise_student_error(reply)
@@ -401,18 +412,30 @@ def judge(solution_path: str, channel: _Channel, timeout_s: float) -> dict[str, 
 
 
 def main(argv=None) -> int:
-    """``python -m course_utils.judge SOLUTION TIMEOUT``: speak the call protocol on stdin/stdout
-    and end with ``{"verdicts": ...}``; everything the cells print goes nowhere."""
-    solution_path, timeout_s = (argv or sys.argv[1:])[:2]
+    """``python -m course_utils.judge TIMEOUT``: read ``{"grade": SOLUTION, "seed": N}`` lines
+    from stdin, speak the call protocol for each and answer ``{"verdicts": ...}``, until stdin
+    closes. Everything the cells print goes nowhere."""
+    from course_utils.checks import SEED_VARIABLE
+
+    timeout_s = float((argv or sys.argv[1:])[0])
     channel = _Channel(sys.stdin, sys.stdout)
     sys.stdout = open(os.devnull, "w")  # the protocol owns the real stdout
-    try:
-        verdicts = judge(solution_path, channel, float(timeout_s))
-    except Exception:  # noqa: BLE001 (a problem in the solution notebook is the grader's)
-        channel.send({"grader_error": traceback.format_exc(limit=3)})
-        return 1
-    channel.send({"verdicts": verdicts})
-    return 0
+    while True:
+        line = channel.inbound.readline()
+        if not line:
+            return 0
+        request = json.loads(line)
+        if "grade" not in request:
+            continue  # a late reply to a call of the previous submission
+        os.environ[SEED_VARIABLE] = str(request["seed"])
+        try:
+            verdicts = judge(request["grade"], channel, timeout_s)
+        except KernelDied:
+            return 1  # the grader is gone
+        except Exception:  # noqa: BLE001 (a problem in the solution notebook is the grader's)
+            channel.send({"grader_error": traceback.format_exc(limit=3)})
+            return 1
+        channel.send({"verdicts": verdicts})
 
 
 if __name__ == "__main__":

@@ -245,13 +245,18 @@ def set_limits(limits: Limits, already: int) -> None:
     """Apply ``limits`` to this process; ``already``: processes its user runs now (the process
     limit counts them all, so each kernel gets its allowance on top)."""
     mb = 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails, the kernel lives
+    wanted = [(resource.RLIMIT_AS, limits.memory_mb * mb, limits.memory_mb * mb),
+              (resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 5),
+              (resource.RLIMIT_FSIZE, limits.file_mb * mb, limits.file_mb * mb),
+              (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files)]
     if hasattr(resource, "RLIMIT_NPROC") and sys.platform.startswith("linux"):
-        resource.setrlimit(resource.RLIMIT_NPROC, (already + limits.processes,) * 2)
+        wanted.append((resource.RLIMIT_NPROC, already + limits.processes, already + limits.processes))
+    for which, soft, hard in wanted:
+        try:
+            resource.setrlimit(which, (soft, hard))
+        except (ValueError, OSError):  # e.g. macOS refuses RLIMIT_AS: the report shows it
+            pass
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails, the kernel lives
 
 
 def main(argv=None) -> None:
@@ -279,8 +284,13 @@ def main(argv=None) -> None:
             raise
         confined = {"files": False, "network": False, "error": str(error)}
     os.chdir(workdir)
-    enforced = {"memory_mb": limits.memory_mb, "cpu_seconds": limits.cpu_seconds,
-                "file_mb": limits.file_mb, "processes": limits.processes,
+    def applied(which, unit=1):  # read back: what the OS accepted, None where it refused
+        soft = resource.getrlimit(which)[0]
+        return None if soft == resource.RLIM_INFINITY else soft // unit
+
+    enforced = {"memory_mb": applied(resource.RLIMIT_AS, 1024 * 1024),
+                "cpu_seconds": applied(resource.RLIMIT_CPU),
+                "file_mb": applied(resource.RLIMIT_FSIZE, 1024 * 1024), "processes": limits.processes,
                 "process_limit_applies": as_nobody or os.getuid() != 0,
                 "runs_as": "nobody" if as_nobody else str(os.getuid()),
                 "files_confined": confined["files"], "network_confined": confined["network"],

@@ -24,15 +24,22 @@ def test_every_solution_scores_full_marks(graded_class, solution):
 
 
 @pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.stem)
-def test_every_untouched_exercise_scores_zero_and_the_grader_exits_0(solution, tmp_path,
-                                                                     capsys):
+def test_every_untouched_exercise_scores_zero(graded_class, solution):
+    """The class run grades every exercise as handed out, as the student ``<exercise>/untouched``."""
+    _, report = graded_class
+    rows = [r for r in report["results"] if r["student"] == f"{solution.stem}/untouched"]
+    assert rows and all(r["points"] == 0 for r in rows)
+    assert all("not answered yet" in r["message"] and r["hint"] for r in rows)
+
+
+def test_grading_one_notebook_prints_a_table_and_exits_0(tmp_path, capsys):
     report = tmp_path / "grades.json"
-    status = grade.main([str(EXERCISES_DIR / solution.name), "--json", str(report)])
+    status = grade.main([str(EXERCISES_DIR / "ex07_ppo.ipynb"), "--json", str(report)])
     assert status == 0
     rows = json.loads(report.read_text())["results"]
     assert rows and all(r["points"] == 0 for r in rows)
-    assert all("not answered yet" in r["message"] and r["hint"] for r in rows)
-    assert "total" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "total" in out and "sandbox:" in out
 
 
 def replace_cell(notebook: dict, marker: str, source: str) -> None:
@@ -499,6 +506,9 @@ def graded_class(tmp_path_factory):
         folder = root / student
         folder.mkdir(parents=True)
         (folder / f"{exercise}.ipynb").write_text(json.dumps(notebook))
+    for solution in SOLUTIONS:  # every exercise as handed out, untouched
+        (root / solution.stem / "untouched").mkdir(parents=True)
+        shutil.copy(EXERCISES_DIR / solution.name, root / solution.stem / "untouched" / solution.name)
     report = root.parent / "grades.json"
     status = grade.main([str(root), "--json", str(report), "--timeout", "20", "--seed", "7",
                          "--jobs", "2"])
@@ -508,9 +518,10 @@ def graded_class(tmp_path_factory):
 def test_class_grading_exits_0_with_one_row_per_student_and_question(graded_class):
     status, report = graded_class
     assert status == 0 and report["problems"] == []
-    rows = {(r["student"], r["question"]) for r in report["results"]}
+    rows = {(r["student"], r["question"]) for r in report["results"] if "untouched" not in r["student"]}
     assert rows == {(s, q) for s, (_, expected) in VARIANTS.items() for q in expected}
-    assert len(report["results"]) == len(rows)
+    untouched = [r for r in report["results"] if "untouched" in r["student"]]
+    assert len(report["results"]) == len(rows) + len(untouched)
 
 
 @pytest.mark.parametrize("student", VARIANTS)

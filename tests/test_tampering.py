@@ -100,7 +100,7 @@ def tampered_class(tmp_path_factory):
         (root / student).mkdir()
         (root / student / f"{exercise}.ipynb").write_text(json.dumps(notebook))
     report = root.parent / "tampering.json"
-    status = grade.main([str(root), "--json", str(report), "--timeout", "20", "--seed", "11",
+    status = grade.main([str(root), "--json", str(report), "--timeout", "15", "--seed", "11",
                          "--jobs", "2"])
     return status, json.loads(report.read_text())
 
