@@ -29,7 +29,8 @@ One module per lesson (the README's course map names them):
 
 Exercises: ``exercises`` generates ``exercises/`` from ``solutions/`` (``make exercises``);
 ``grade`` is the autograder (``python -m course_utils.grade``); ``checks`` holds what graded
-cells call.
+cells call; ``judge`` runs the test cells in a process of their own and talks to the student's
+kernel in plain data; ``sandbox`` starts that kernel inside its limits.
 """
 
 import logging as _logging
