@@ -11,18 +11,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_grading import DPO_REFERENCE_SWAPPED
 
 from course_utils import grade
 from course_utils.exercises import SOLUTIONS_DIR
 from course_utils.sandbox import landlock_abi
 
-WRONG_DPO = '''
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    chosen_rewards = beta * (policy_chosen - ref_rejected)
-    rejected_rewards = beta * (policy_rejected - ref_chosen)
-    loss = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()
-    return loss, chosen_rewards, rejected_rewards
-'''
+WRONG_DPO = DPO_REFERENCE_SWAPPED  # a wrong answer of tests/test_grading.py
 READS_SOLUTION = '''
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     import json
