@@ -84,7 +84,8 @@ SCHEMA: dict[str, dict[str, dict | None]] = {
     "peft_methods": {
         "training": {"steps": (int, _REQ), "sweep_steps": (int, _REQ), "batch_size": (int, _REQ)},
         "learning_rates": {method: (float, _REQ) for method in _PEFT_METHODS},
-        "methods": {method: ("dict", _REQ) for method in _PEFT_METHOD_SETTINGS}},
+        "methods": {method: ("dict", _REQ) for method in _PEFT_METHOD_SETTINGS},
+        "forgetting_sweep": {method: ("numbers", _REQ) for method in ("full", "lora", "qlora")}},
     "evaluation": {
         "chat": {"eval_examples": (int, _REQ), "max_new_tokens": (int, _REQ),
                  "batch_size": (int, _REQ), "max_length": (int, _REQ)},
@@ -103,7 +104,7 @@ TRAINING_TOP_LEVEL = {"precision": str, "seed": int}
 def _type_name(kind) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             "str|list": "a string or a list of strings", "list": "a list of strings",
-            "dict": "a mapping of setting names to values"}[kind]
+            "dict": "a mapping of setting names to values", "numbers": "a list of numbers"}[kind]
 
 
 def _matches(value, kind) -> bool:
@@ -117,6 +118,9 @@ def _matches(value, kind) -> bool:
         return isinstance(value, str)
     if kind == "dict":
         return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if kind == "numbers":
+        return isinstance(value, list) and bool(value) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     is_list = isinstance(value, list) and all(isinstance(v, str) for v in value)
     return is_list or (kind == "str|list" and isinstance(value, str))
 

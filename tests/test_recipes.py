@@ -215,7 +215,9 @@ NOT_TRAINING = {
                       'LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"])',
                       "rank (alpha = 2r)", '"LoRA r=8": rank_sweep[8]', '"DoRA r=4": lora_run(4',
                       '"rslora_r8_accuracy"', '"dora_r4_accuracy"',
-                      "r: int = 8, alpha: float = 16"],  # LoRALinear, written in the lesson
+                      "r: int = 8, alpha: float = 16",  # LoRALinear, written in the lesson
+                      "of LoRA r=8's accuracy from d =", "a random subspace matches LoRA r=8"],
+    "05_ia3.ipynb": ["base_loss = heldout_loss(base_model, tokenizer, test_chats, batch_size=32,"],
     # memory figures
     "06_nf4_quantization.ipynb": ["memory.lora_parameters(config, r=64",
                                   "QLoRA r=64 on all projections",

@@ -55,9 +55,10 @@ TAMPERING = {
         "import builtins\nbuiltins.abs = lambda value: 0\nbuiltins.print = lambda *a, **k: None\n"
         + WRONG_DPO)}, NO_Q2),
     # isinstance answering True breaks the kernel's own replies too: every later call is lost
-    "builtins_isinstance_patched": ("ex08_dpo", {"def dpo_loss": (
-        "import builtins\nbuiltins.isinstance = lambda *a: True\n" + WRONG_DPO)},
-        {"q1_sequence_logprob": 0, "q2_dpo_loss": 0, "q3_preference_accuracy": 0}),
+    "builtins_isinstance_patched": ("ex08_dpo", {"def dpo_loss": WRONG_DPO.replace(
+        "    return loss,",
+        "    import builtins\n    builtins.isinstance = lambda *a: True\n    return loss,")},
+        {"q1_sequence_logprob": 2, "q2_dpo_loss": 0, "q3_preference_accuracy": 0}),
     "prints_fake_passed_lines": ("ex08_dpo", {"def dpo_loss": WRONG_DPO.replace(
         "    return loss,", '    print("question 2: the visible check passed")\n'
         '    print("  q2_dpo_loss   2 / 2   passed")\n    return loss,')}, NO_Q2),
