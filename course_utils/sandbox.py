@@ -241,6 +241,23 @@ def drop_to_nobody(workdir: Path) -> bool:
     return True
 
 
+def can_run_as_nobody(workdir: Path) -> bool:
+    """Whether this machine lets a child become ``nobody`` and still start Python (a container
+    may forbid ``setuid`` or capabilities): tried in a throw-away child first, since there is no
+    way back once done."""
+    if not hasattr(os, "fork") or os.geteuid() != 0 or landlock_abi() < 1:
+        return False
+    child = os.fork()
+    if child == 0:
+        try:
+            drop_to_nobody(workdir)
+            os.execv(sys.executable, [sys.executable, "-c", "pass"])
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def set_limits(limits: Limits, already: int) -> None:
     """Apply ``limits`` to this process; ``already``: processes its user runs now (the process
     limit counts them all, so each kernel gets its allowance on top)."""
@@ -275,7 +292,7 @@ def main(argv=None) -> None:
     private_copy.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(connection_file, private_copy)
     nobody_already = user_process_count(NOBODY) if sys.platform.startswith("linux") else 0
-    as_nobody = drop_to_nobody(workdir)
+    as_nobody = can_run_as_nobody(workdir) and drop_to_nobody(workdir)
     set_limits(limits, nobody_already if as_nobody else user_process_count(os.getuid()))
     try:
         confined = apply_landlock(workdir, ports)
