@@ -312,7 +312,7 @@ class JudgeProcess:
     reused for the next submission of the same exercise (its imports are the slow part)."""
 
     def __init__(self, source_path: Path, timeout_s: float):
-        self.source_path = source_path
+        self.source_path, self.timeout_s = source_path, timeout_s
         self.log = tempfile.TemporaryFile(mode="w+")
         env = {**clean_environment(Path(tempfile.gettempdir()), {}), "COURSE_PROFILE": "tiny",
                "MPLBACKEND": "Agg", "HOME": os.environ.get("HOME", tempfile.gettempdir())}
@@ -361,15 +361,13 @@ class JudgePool:
                 if judge.process.poll() is None:
                     return judge
                 judge.close()
-        judge = JudgeProcess(source_path, timeout_s)
-        judge.timeout_key = timeout_s
-        return judge
+        return JudgeProcess(source_path, timeout_s)
 
     def release(self, judge: JudgeProcess, finished: bool) -> str:
         """Keep a judge that finished cleanly for the next submission; return its error log."""
         errors = judge.errors()
         if finished and judge.process.poll() is None:
-            key = (str(Path(judge.source_path).resolve()), judge.timeout_key)
+            key = (str(Path(judge.source_path).resolve()), judge.timeout_s)
             with self.lock:
                 self.idle.setdefault(key, []).append(judge)
         else:
