@@ -3,24 +3,29 @@
 A graded test cell in a solution notebook carries ``metadata["course"] = {"grade_id": ...,
 "points": ..., "hint": ...}`` and passes when it runs without an exception. Its checks compare the
 student's function against an independent reference on inputs the student has not seen:
-``grader_rng()`` draws them from a seed the grader owns (fresh on every grading run; fixed when a
-learner runs the notebook), so a hard-coded answer cannot pass.
+``grader_rng()`` draws them from ``COURSE_GRADER_SEED`` when it is set (the course's grader sets it
+per run and question, from a fresh seed or ``--seed``) and from a fresh seed otherwise, so under
+``nbgrader autograde`` too every run draws new hidden inputs and a hard-coded answer cannot pass.
+Set the variable to repeat a run's inputs.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import secrets
 
 from course_utils.numerics import check_close  # noqa: F401  (graded cells import it from here)
 
 SEED_VARIABLE = "COURSE_GRADER_SEED"
-STUDENT_SEED = 1234
+#: drawn once per process when the variable is unset: one notebook run, one set of inputs
+_FRESH_SEED = secrets.randbelow(2**31)
 
 
 def grader_seed() -> int:
-    """The seed for hidden inputs: set by the grader per run, ``STUDENT_SEED`` otherwise."""
-    return int(os.environ.get(SEED_VARIABLE, STUDENT_SEED))
+    """The seed for hidden inputs: ``COURSE_GRADER_SEED`` if set, else fresh for this process."""
+    value = os.environ.get(SEED_VARIABLE)
+    return int(value) if value else _FRESH_SEED
 
 
 def grader_rng() -> random.Random:

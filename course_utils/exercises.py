@@ -1,17 +1,20 @@
 """Generate ``exercises/`` from ``solutions/``: one source for every exercise notebook.
 
 A solution notebook marks what students must write and what they must not see, with nbgrader's
-markers, so instructors can also use nbgrader on the same files:
+markers, so that ``make exercises`` and ``nbgrader generate_assignment`` hand out the same code
+from the same file (``tests/test_nbgrader.py`` checks that they do):
 
-- ``### BEGIN SOLUTION`` ... ``### END SOLUTION``: replaced by ``# YOUR CODE HERE`` and
-  ``raise NotImplementedError("<hint>")`` at the same indentation. The hint is the cell's
-  ``metadata["course"]["hint"]``, or a ``### HINT: ...`` line inside the block.
+- ``### BEGIN SOLUTION`` ... ``### END SOLUTION``: replaced by nbgrader's own stub,
+  ``# YOUR CODE HERE`` and ``raise NotImplementedError()``, at the same indentation. The hint is
+  a ``# Hint: ...`` comment on the line just above the block, outside it, so it survives both
+  routes; a block without one is an error.
 - ``### BEGIN HIDDEN TESTS`` ... ``### END HIDDEN TESTS``: removed. The grader restores them from
   the solution notebook, so students cannot read or delete them.
 
-Outputs and execution counts are stripped and the Colab badge is pointed at the exercise's own
-path. ``python -m course_utils.exercises`` (``make exercises``) regenerates every exercise;
-``--check`` only reports stale files (a test runs it).
+Outputs and execution counts are stripped. A solution notebook's Markdown may not link to
+``solutions/`` (its Colab badge opens the exercise) nor use relative links, which break in an
+nbgrader release folder. ``python -m course_utils.exercises`` (``make exercises``) regenerates
+every exercise; ``--check`` only reports stale files (a test runs it).
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ EXERCISES_DIR = REPO_ROOT / "exercises"
 
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
-HINT_MARK = "### HINT:"
-DEFAULT_HINT = "replace this line with your solution"
+HINT_MARK = "# Hint:"
+#: nbgrader's default stub for Python (``ClearSolutions.code_stub``), so both routes hand out the same
+STUB = ["# YOUR CODE HERE", "raise NotImplementedError()"]
+#: Markdown links an exercise may not carry: to the answers, or relative (an nbgrader release lives
+#: in ``release/<assignment>/``, where ``../notebooks/`` does not exist)
+FORBIDDEN_LINK = re.compile(r"\]\((?:[^)]*/)?solutions/|\]\((?!https?://|#)[^)]*\)")
 
 
 class ExerciseFormatError(ValueError):
@@ -55,19 +62,18 @@ def _blocks(lines: list[str], begin: str, end: str, where: str):
         raise ExerciseFormatError(f"{where}: '{begin}' at line {start + 1} is never closed")
 
 
-def strip_solution(source: str, hint: str | None = None, where: str = "cell") -> str:
-    """Replace every solution block in ``source`` with a ``NotImplementedError`` stub."""
+def strip_solution(source: str, where: str = "cell") -> str:
+    """Replace every solution block in ``source`` with nbgrader's stub; each block must have a
+    ``# Hint: ...`` line just above it, which stays."""
     lines = source.split("\n")
     out, position = [], 0
     for start, stop in _blocks(lines, BEGIN_SOLUTION, END_SOLUTION, where):
+        if start == 0 or not lines[start - 1].strip().startswith(HINT_MARK):
+            raise ExerciseFormatError(f"{where}: put a '{HINT_MARK} ...' line just above the "
+                                      f"'{BEGIN_SOLUTION}' at line {start + 1}")
         out += lines[position:start]
         indent = re.match(r"\s*", lines[start]).group(0)
-        block_hint = hint
-        for line in lines[start:stop]:
-            if line.strip().startswith(HINT_MARK):
-                block_hint = line.strip()[len(HINT_MARK):].strip()
-        message = (block_hint or DEFAULT_HINT).replace("\\", "\\\\").replace('"', '\\"')
-        out += [f"{indent}# YOUR CODE HERE", f'{indent}raise NotImplementedError("{message}")']
+        out += [indent + line for line in STUB]
         position = stop + 1
     out += lines[position:]
     return "\n".join(out)
@@ -98,11 +104,13 @@ def make_exercise(solution: dict, exercise_path: str, solution_path: str) -> dic
         text = cell_text(cell)
         where = f"{solution_path} cell {index}"
         if cell["cell_type"] == "code":
-            hint = cell.get("metadata", {}).get("course", {}).get("hint")
-            text = strip_hidden_tests(strip_solution(text, hint, where), where)
+            text = strip_hidden_tests(strip_solution(text, where), where)
             cell["outputs"], cell["execution_count"] = [], None
-        elif index == 0:
-            text = text.replace(f"/blob/main/{solution_path}", f"/blob/main/{exercise_path}")
+        elif FORBIDDEN_LINK.search(text):
+            link = FORBIDDEN_LINK.search(text).group(0)
+            raise ExerciseFormatError(
+                f"{where}: the link {link}...) would reach an answer or break where nbgrader "
+                f"releases the notebook; link to {exercise_path} or to a full https:// address")
         cell["source"] = text.splitlines(keepends=True)
     notebook["metadata"].pop("widgets", None)
     return notebook

@@ -208,7 +208,7 @@ def _cell_outcome(content: dict, printed: int, output_limit: int) -> tuple[str, 
         return "timeout", f"timed out: {content.get('evalue')}"
     ename, evalue = content.get("ename", "Error"), content.get("evalue", "")
     if ename == "NotImplementedError":
-        return "error", f"not answered yet (NotImplementedError: {evalue})"
+        return "error", "not answered yet (NotImplementedError" + (f": {evalue})" if evalue else ")")
     return ("failed" if ename == "AssertionError" else "error",
             f"{ename}: {evalue}" if evalue else ename)
 

@@ -4,11 +4,14 @@
 columns, truncation and batch sizes, the same models alive at once, the same evaluation code) with
 three substitutions only:
 
-1. **the model**: a stand-in with TinyLlama-1.1B's architecture (vocabulary 32,000, 32 query and
-   4 key/value heads, 2,048 positions, the same module names), narrower and shallower, with random
-   weights, built here in seconds (``build_standin``). Its tokenizer is the course model's, stripped
-   of its chat template and padding token as TinyLlama's base checkpoint is, so the chat-setup code
-   of the Hub path runs too;
+1. **the model**: a stand-in with TinyLlama-1.1B's architecture (32 query and 4 key/value heads,
+   2,048 positions, the same module names), narrower and shallower, with random weights, built here
+   in seconds (``build_standin``). Its tokenizer is the course model's, stripped of its chat
+   template and padding token as TinyLlama's base checkpoint is, so the chat-setup code of the Hub
+   path runs too. Its vocabulary is that tokenizer's, so that, as with TinyLlama and its own
+   tokenizer, every row of the embedding is a token the tokenizer can produce; TinyLlama's 32,000
+   rows would only make every logit row wider, which a CPU rehearsal pays for in time and does
+   not measure;
 2. **the data**: rows in the Hub data sets' schemas with realistic lengths, shipped in
    ``data/samples/rehearsal/`` (``write_samples`` made them; ``sample_statistics`` measures them,
    and ``data/samples/README.md`` states the numbers);
@@ -30,8 +33,9 @@ from pathlib import Path
 from course_utils.paths import COURSE_MODEL_DIR, SAMPLES_DIR, WORLD_DIR, artifacts_dir
 
 REHEARSAL_DATA_DIR = SAMPLES_DIR / "rehearsal"
-#: the stand-in's shape: TinyLlama's heads, vocabulary, positions and names; width and depth reduced
-#: (bitsandbytes' CPU kernel needs outputs in multiples of 32 and inputs in multiples of 64)
+#: the stand-in's shape: TinyLlama's heads, positions and names; width and depth reduced (bitsandbytes'
+#: CPU kernel needs outputs in multiples of 32 and inputs in multiples of 64); the vocabulary is the
+#: course tokenizer's (``standin_config``)
 STANDIN_SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "head_dim": 8}
 STANDIN_SEED = 0
 #: the recipe keys a rehearsal cap may change: counts of steps and examples, nothing else
@@ -55,6 +59,7 @@ def standin_config():
     config = tinyllama_config()
     for key, value in STANDIN_SHAPE.items():
         setattr(config, key, value)
+    config.vocab_size = json.loads((COURSE_MODEL_DIR / "config.json").read_text())["vocab_size"]
     # saved in config.json and inherited by every model trained from it: the guards check only these
     config.course_rehearsal = True
     return config

@@ -88,10 +88,11 @@ def test_notebook_has_the_fixed_opening(path):
     cells = load(path)["cells"]
     title = "".join(cells[0]["source"])
     assert cells[0]["cell_type"] == "markdown" and title.startswith("# ")
-    relative = path.relative_to(REPO_ROOT).as_posix()
+    # a solution's badge opens its exercise: what nbgrader releases from it never leads to answers
+    relative = path.relative_to(REPO_ROOT).as_posix().replace("solutions/", "exercises/")
     badge = (f"[![Open In Colab]({BADGE_IMAGE})](https://colab.research.google.com/github/"
              f"{GITHUB_REPO}/blob/main/{relative})")
-    assert badge in title, "the Colab badge must point at this very notebook"
+    assert badge in title, "the Colab badge must point at this notebook (a solution's: its exercise)"
     for heading in ("Learning goals", "Prerequisites", "Time"):
         assert heading in title
     assert "".join(cells[1]["source"]) == INSTALL_CELL, "run python -m course_utils.colab"
