@@ -8,11 +8,13 @@ PROFILE ?= auto
 # Offline by design: the tiny profile never needs the network, and a stray download fails fast.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
-.PHONY: help install run test lab exercises world course-model lint clean
+.PHONY: help install run test site browser lab exercises world course-model lint clean
 
 help:
 	@echo "make run           execute every notebook in order (PROFILE=$(PROFILE)), print the metrics table"
 	@echo "make test          run the whole test suite (unit tests, every notebook, grader)"
+	@echo "make site          the executed course as a static site: artifacts/site/html/index.html"
+	@echo "make browser       install Debian's Chromium for the browser checks (needs root)"
 	@echo "make lab           open JupyterLab on the notebooks"
 	@echo "make exercises     regenerate exercises/ from solutions/"
 	@echo "make world         regenerate data/world/ from its seed"
@@ -31,9 +33,21 @@ run: $(STAMP)
 	$(OFFLINE) COURSE_PROFILE=$(subst auto,,$(PROFILE)) $(PY) -m course_utils.run_notebooks
 
 # Two workers, one thread each (tests/conftest.py): the lessons first, 07-11 in order on one worker
-# (they share artifacts/models), then the test modules, each on one worker.
+# (they share artifacts/models), then the test modules, each on one worker. Every lesson's executed
+# copy lands in artifacts/executed/; the second run builds the site from them and checks it in Chromium.
+TEST_ENV := $(OFFLINE) OMP_NUM_THREADS=1 COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1
 test: $(STAMP)
-	$(OFFLINE) OMP_NUM_THREADS=1 COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1 $(PY) -m pytest notebooks tests --nbmake --nbmake-timeout=900 -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
+	$(TEST_ENV) $(PY) -m pytest notebooks tests --ignore=tests/test_site.py -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
+	$(TEST_ENV) $(PY) -m pytest tests/test_site.py --durations=5
+
+# the executed course (artifacts/executed/, from `make run` or `make test`) as a static site
+site: $(STAMP)
+	$(PY) -m course_utils.site
+
+# Debian's Chromium, for the browser checks in `make test` (tests/test_site.py, tests/test_jupyterlab.py)
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@/usr/bin/chromium --version
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -30,7 +30,7 @@ def test_requirements_and_environment_pin_the_same_versions():
     assert requirements == environment
     assert requirements["torch"] == "2.13.0"
     for package in ("transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate",
-                    "matplotlib", "jupyterlab", "ipykernel", "papermill", "nbmake", "pytest"):
+                    "matplotlib", "jupyterlab", "ipykernel", "papermill", "nbgrader", "pytest"):
         assert package in requirements, package
 
 
@@ -204,7 +204,9 @@ def test_check_claims_passes_true_statements_and_catches_false_ones(capsys, monk
 def test_make_test_checks_the_lessons_claims_strictly():
     makefile = (REPO_ROOT / "Makefile").read_text()
     test_recipe = makefile.split("\ntest:")[1].split("\n\n")[0]
-    assert "COURSE_STRICT_CLAIMS=1" in test_recipe and "--nbmake" in test_recipe
+    assert "COURSE_STRICT_CLAIMS=1" in test_recipe and "pytest notebooks tests" in test_recipe
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert "-p course_utils.pytest_notebooks" in pyproject  # what makes each lesson a test
 
 
 GITHUB_PATH = re.compile(r"(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+)")
