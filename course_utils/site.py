@@ -219,10 +219,12 @@ def write_config(src: Path) -> None:
     (src / "_static" / "favicon.svg").write_text(FAVICON_SVG)
 
 
-def sphinx_build(src: Path, html_dir: Path) -> Path:
-    """Sphinx's HTML build of ``src`` into ``html_dir``, the Colab badge served from the site."""
-    result = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", str(src),
-                             str(html_dir)], capture_output=True, text=True)
+def sphinx_build(src: Path, html_dir: Path, strict: bool = True) -> Path:
+    """Sphinx's HTML build of ``src`` into ``html_dir``, the Colab badge served from the site.
+    ``strict``: a warning (a broken role, an unknown reference, an unreadable image) fails it."""
+    strictness = ["-W", "--keep-going"] if strict else []
+    result = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", *strictness,
+                             str(src), str(html_dir)], capture_output=True, text=True)
     if result.returncode != 0:
         raise SiteError(f"sphinx-build failed:\n{result.stderr[-4000:]}")
     for page in html_dir.rglob("*.html"):  # an offline reader cannot load colab's badge image

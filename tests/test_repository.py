@@ -204,7 +204,8 @@ def test_check_claims_passes_true_statements_and_catches_false_ones(capsys, monk
 def test_make_test_checks_the_lessons_claims_strictly():
     makefile = (REPO_ROOT / "Makefile").read_text()
     test_recipe = makefile.split("\ntest:")[1].split("\n\n")[0]
-    assert "COURSE_STRICT_CLAIMS=1" in test_recipe and "pytest notebooks tests" in test_recipe
+    test_env = makefile.split("\nTEST_ENV :=")[1].split("\n")[0]
+    assert "COURSE_STRICT_CLAIMS=1" in test_env and "$(TEST_ENV) $(PY) -m pytest notebooks tests" in test_recipe
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert "-p course_utils.pytest_notebooks" in pyproject  # what makes each lesson a test
 

@@ -65,7 +65,9 @@ def test_the_check_finds_what_a_broken_site_shows(tmp_path):
     (src / "other.md").write_text("# Other\n\n<script>undefinedFunction()</script>\n")
     (src / "index.md").write_text("# Index\n\n```{toctree}\nbroken\nother\n```\n")
     site.write_config(src)
-    html_dir = site.sphinx_build(src, tmp_path / "html")
+    with pytest.raises(site.SiteError, match="gone.png"):  # the strict build stops at its warnings
+        site.sphinx_build(src, tmp_path / "strict")
+    html_dir = site.sphinx_build(src, tmp_path / "html", strict=False)  # what the browser sees
     problems = "\n".join(site.check(html_dir, search_term=None))
     assert "broken.html: error output" in problems
     assert "missing anchor other.html#nowhere" in problems
