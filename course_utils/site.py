@@ -71,12 +71,11 @@ def _static_progress(state: dict, model_id: str) -> str | None:
     """tqdm's notebook bar (an HBox of a label, a FloatProgress and a label) as static HTML, from
     the widget state saved with the executed notebook; ``None`` for any other widget."""
     box = state.get(model_id, {}).get("state", {})
-    children = [state.get(ref.removeprefix("IPY_MODEL_"), {}).get("state", {})
-                for ref in box.get("children", [])]
-    kinds = [child.get("_model_name") for child in children]
+    entries = [state.get(ref.removeprefix("IPY_MODEL_"), {}) for ref in box.get("children", [])]
+    kinds = [entry.get("model_name") or entry.get("state", {}).get("_model_name") for entry in entries]
     if kinds != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
         return None
-    left, bar, right = children
+    left, bar, right = (entry["state"] for entry in entries)
     return (f'<div class="course-progress"><span>{left.get("value", "")}</span> '
             f'<progress value="{bar.get("value", 0)}" max="{bar.get("max", 1)}"></progress> '
             f'<span>{right.get("value", "")}</span></div>')

@@ -65,15 +65,20 @@ def lesson_chain(path: Path) -> str | None:
     return next((name for name, lessons in LESSON_CHAINS.items() if path.name[:2] in lessons), None)
 
 
+#: test modules that take minutes: started before the short ones, so that the short ones fill the
+#: end of both workers' runs
+LONG_MODULES = ("test_rehearsal", "test_grading", "test_nbgrader", "test_jupyterlab", "test_tampering")
+
+
 def start_order(item) -> int:
     """The longest runs start first, so that neither worker is left with one at the end: lessons
-    07-11, then their rehearsal, then lessons 02-05, then everything else in collection order."""
+    07-11, then 02-05, then the long test modules, then everything else in collection order."""
     chain = lesson_chain(Path(str(item.path)))
     if chain == "lessons-07-11":
         return 0
-    if "07_to_11" in item.name:
+    if chain:
         return 1
-    return 2 if chain else 3
+    return 2 if Path(str(item.path)).stem in LONG_MODULES else 3
 
 
 def pytest_collection_modifyitems(config, items):

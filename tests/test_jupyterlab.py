@@ -6,6 +6,7 @@ Checked: no error output in the lesson, its training progress bar rendered as a 
 text fallback), its figures rendered; in the exercise, the answered question's check cell prints
 its verdict and the next, unanswered one stops with ``NotImplementedError``. The server runs on
 127.0.0.1 with a token, on copies of the notebooks (JupyterLab autosaves), and is always shut down.
+Lesson 00's run here is its run in `make test`: its saved copy goes to ``artifacts/executed/``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook"  # the notebook 
 #: in view by default), no news or update checks (no network here)
 SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    # saved with the notebook, so that the executed copy shows its progress bars (make site)
+    "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings": {"saveState": True},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
         "checkForUpdates": False, "fetchNews": "false"},
 }
@@ -65,7 +68,7 @@ def lab(tmp_path_factory):
         (settings / name).write_text(json.dumps(values))
     token, port = secrets.token_hex(16), free_port()
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # figures inline, as in a lab
-    env.update(COURSE_PROFILE="tiny", COURSE_ARTIFACTS=str(root / "artifacts"),
+    env.update(COURSE_PROFILE=os.environ.get("COURSE_PROFILE", "tiny"),
                JUPYTERLAB_SETTINGS_DIR=str(settings),
                JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"),
                JUPYTER_RUNTIME_DIR=str(root / ".runtime"))
@@ -155,10 +158,23 @@ def ui_problems(page) -> list[str]:
 
 
 def test_lesson_00_runs_from_the_ui_with_widgets_and_figures(lab, browser):
+    """Also lesson 00's run in `make test` (which deselects its papermill run, so the course runs
+    once): with `COURSE_STRICT_CLAIMS=1` a claim its numbers do not support raises, an error
+    output here; saved from the UI, it is the executed copy the site shows."""
+    from course_utils.paths import artifacts_dir
+    from course_utils.run_notebooks import run_record
+
     page = open_notebook(browser, lab, f"notebooks/{LESSON}")
+    record = run_record(os.environ.get("COURSE_PROFILE") or "auto")
     run_all_from_the_menu(page, timeout_s=600)
     assert ui_problems(page) == []
+    page.keyboard.press("Control+s")
+    page.wait_for_function("() => !document.querySelector('.lm-TabBar-tab.jp-mod-current.jp-mod-dirty')",
+                           timeout=60_000)
     page.close()
+    executed = json.loads((lab[2] / "notebooks" / LESSON).read_text())
+    executed["metadata"]["course"] = {**record, "executed_in": "JupyterLab, tests/test_jupyterlab.py"}
+    (artifacts_dir("executed") / LESSON).write_text(json.dumps(executed, indent=1))
 
 
 def test_the_ui_check_sees_a_cell_that_raises(lab, browser):

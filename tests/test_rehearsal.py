@@ -21,8 +21,6 @@ from course_utils.profiles import tiny_profile
 # every notebook that branches on the profile: 07-11 in course order (each reuses the models before
 # it), and those that train the course model on every profile and touch the profile's model once
 REHEARSED = ["07_qlora_sft", "08_reward_modeling", "09_ppo_rlhf", "10_dpo", "11_evaluation"]
-BRANCHING_ON_THE_COURSE_MODEL = [["00_setup_and_tour"], ["02_peft_and_adapters",
-                                 "03_prompt_prefix_ptuning", "04_lora", "05_ia3"]]
 COUNTED_STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation")
 
 
@@ -303,10 +301,34 @@ def test_lessons_07_to_11_run_on_the_rehearsal(tmp_path, monkeypatch):
 
 
 @pytest.mark.spread
-@pytest.mark.parametrize("stems", BRANCHING_ON_THE_COURSE_MODEL, ids=lambda stems: stems[0])
-def test_lessons_on_the_course_model_run_their_profile_branch_on_the_rehearsal(stems, tmp_path,
-                                                                               monkeypatch):
-    """00 and 02-05 train the course model on every profile (step counts capped here) and build or
-    load the profile's own model in one section: the stand-in, here. 02-05 run in order on one
-    artifacts folder, as `make run` does: 05 reads back the method runs of 02-04."""
-    run_on_the_rehearsal(stems, tmp_path / "artifacts", monkeypatch)
+def test_lesson_00_runs_its_profile_branch_on_the_rehearsal(tmp_path, monkeypatch):
+    """00 trains the course model on every profile (step counts capped here) and loads the
+    profile's own model in its last section: the stand-in, here."""
+    run_on_the_rehearsal(["00_setup_and_tour"], tmp_path / "artifacts", monkeypatch)
+
+
+def test_lessons_02_to_05_scale_every_method_to_the_profiles_model(rehearsal_profile):
+    """02-05 train the course model on every profile, with the same cells `make test` runs under
+    `tiny`; the one thing they build on the profile's own model is the scale table
+    (``peft_comparison.scale_rows``, all eight methods in lesson 05): on the rehearsal, each method
+    on the stand-in with one training step on four of the lessons' chats."""
+    from transformers import AutoConfig
+
+    from course_utils import peft_comparison
+
+    methods = ["full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora", "ia3"]
+    chats = list(data.load_sft_dataset(tiny_profile(), "train"))[:4]
+    rows = {row["method"]: row for row in
+            peft_comparison.scale_rows(rehearsal_profile, methods, chats)}
+    assert list(rows) == methods and all(row["step_seconds"] > 0 for row in rows.values())
+    config = AutoConfig.from_pretrained(rehearsal_profile.model_name_or_path)
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * config.head_dim
+    q_out = config.num_attention_heads * config.head_dim
+    lora = peft_comparison.methods_recipe().methods["lora"]
+    shapes = {"q_proj": (h, q_out), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q_out, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    assert rows["lora"]["trainable"] == layers * lora["r"] * sum(
+        sum(shapes[name]) for name in lora["target_modules"])
+    assert rows["full"]["percent"] == 100 and all(
+        0 < row["percent"] < 100 for name, row in rows.items() if name != "full")

@@ -205,7 +205,8 @@ def test_make_test_checks_the_lessons_claims_strictly():
     makefile = (REPO_ROOT / "Makefile").read_text()
     test_recipe = makefile.split("\ntest:")[1].split("\n\n")[0]
     test_env = makefile.split("\nTEST_ENV :=")[1].split("\n")[0]
-    assert "COURSE_STRICT_CLAIMS=1" in test_env and "$(TEST_ENV) $(PY) -m pytest notebooks tests" in test_recipe
+    assert "COURSE_STRICT_CLAIMS=1" in test_env
+    assert "$(TEST_ENV) $(PY) -m pytest notebooks tests" in test_recipe
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert "-p course_utils.pytest_notebooks" in pyproject  # what makes each lesson a test
 

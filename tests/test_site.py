@@ -35,6 +35,8 @@ def test_the_executed_course_builds_into_a_site_that_checks_out():
         figures = sum("image/png" in output.get("data", {}) for cell in executed["cells"]
                       for output in cell.get("outputs", []))
         assert page.count("<img") >= figures + 1, lesson  # every figure, and the badge
+    tour = (html_dir / "notebooks" / "00_setup_and_tour.html").read_text()
+    assert 'class="course-progress"' in tour and "HBox(children=" not in tour  # bars, not their text
     exercises = sorted((html_dir / "exercises").glob("ex*.html"))
     assert len(exercises) == 10 and not (html_dir / "solutions").exists()
     assert all("BEGIN SOLUTION" not in p.read_text() for p in exercises)
