@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import posixpath
 import re
 import shutil
 import subprocess
@@ -102,14 +103,7 @@ def site_link(target: str, source: str) -> str:
     if re.match(r"[a-z]+:|#|/", target):
         return target
     path, _, anchor = target.partition("#")
-    resolved = Path(source).parent.joinpath(path).as_posix() if path else source
-    parts = []
-    for part in resolved.split("/"):
-        if part == "..":
-            parts.pop()
-        elif part != ".":
-            parts.append(part)
-    resolved = "/".join(parts)
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(source), path)) if path else source
     on_site = (re.fullmatch(r"(notebooks/\d\d_\w+|exercises/ex\d\d_\w+)\.ipynb", resolved)
                or resolved == "README.md")
     if on_site:
@@ -284,7 +278,10 @@ def check(html_dir: Path, screenshots: Path | None = None, search_term: str | No
             console: list[str] = []
             page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: console.append(str(e)))
-            page.on("requestfailed", lambda r: console.append(f"could not load {r.url}"))
+            # a request the next navigation cancels (the favicon, often) is not a missing file:
+            # a missing one answers 404, which the console reports
+            page.on("requestfailed", lambda r: None if r.failure == "net::ERR_ABORTED"
+                    else console.append(f"could not load {r.url} ({r.failure})"))
             for name in pages:
                 console.clear()
                 page.goto(base + name, wait_until="load")
