@@ -82,7 +82,7 @@ def execute(notebook: Path, target: Path | None = None, profile: str | None = No
         else:
             os.environ["MPLBACKEND"] = backend
     executed = nbformat.read(target, as_version=4)
-    executed.metadata["course"] = record
+    executed.metadata["course"] = {**record, "executed_in": "papermill, course_utils.run_notebooks"}
     nbformat.write(executed, target)
     return target
 

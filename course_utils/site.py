@@ -132,11 +132,12 @@ def landing_page(records: dict[str, dict]) -> str:
     lines = [f"# {TITLE}", rewrite_links(intro, "README.md"), rewrite_links(course_map, "README.md"),
              "## This build", "",
              "Every lesson page shows its notebook as it was executed, outputs included, on:", "",
-             "| lesson | executed (UTC) | profile | machine | torch | transformers | peft | trl "
-             "| bitsandbytes |", "|---|---|---|---|---|---|---|---|---|"]
+             "| lesson | executed (UTC) | run through | profile | machine | torch | transformers | peft "
+             "| trl | bitsandbytes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, record in records.items():
         v = record.get("versions", {})
         lines.append(f"| [{name}](notebooks/{name}) | {record.get('executed', '?')} | "
+                     f"{record.get('executed_in', '?')} | "
                      f"{record.get('profile', '?')} | {record.get('machine', '?')} | "
                      + " | ".join(str(v.get(k)) for k in ("torch", "transformers", "peft", "trl",
                                                           "bitsandbytes")) + " |")
