@@ -39,8 +39,8 @@ def lesson_notebooks(folder: Path = paths.NOTEBOOKS_DIR) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_record(profile: str) -> dict:
-    """When, where and with what a notebook was executed."""
+def run_record(profile: str, executed_in: str) -> dict:
+    """When, where, through what (``executed_in``) and with what a notebook was executed."""
     versions = {}
     for name in RECORDED_LIBRARIES:
         try:
@@ -48,6 +48,7 @@ def run_record(profile: str) -> dict:
         except PackageNotFoundError:
             versions[name] = None
     return {"executed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "executed_in": executed_in,
             "profile": profile, "python": platform.python_version(),
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
             "versions": versions}
@@ -63,7 +64,7 @@ def execute(notebook: Path, target: Path | None = None, profile: str | None = No
 
     profile = profile or os.environ.get("COURSE_PROFILE") or "auto"
     target = Path(target or paths.artifacts_dir("executed") / notebook.name)
-    record = run_record(profile)
+    record = run_record(profile, "papermill, course_utils.run_notebooks")
     # the kernel inherits this process's environment: figures inline, whatever backend the
     # caller (make's MPLBACKEND=Agg for the tests' own plots) chose for itself
     backend = os.environ.get("MPLBACKEND")
@@ -82,7 +83,7 @@ def execute(notebook: Path, target: Path | None = None, profile: str | None = No
         else:
             os.environ["MPLBACKEND"] = backend
     executed = nbformat.read(target, as_version=4)
-    executed.metadata["course"] = {**record, "executed_in": "papermill, course_utils.run_notebooks"}
+    executed.metadata["course"] = record
     nbformat.write(executed, target)
     return target
 

@@ -178,7 +178,9 @@ CSS = """.course-progress { font-family: monospace; font-size: 0.85em; }
 def prepare(executed_dir: Path, src: Path) -> dict[str, dict]:
     """Write the site's sources into ``src``; return each lesson's run record."""
     lessons = sorted(executed_dir.glob("[0-9][0-9]_*.ipynb"))
-    expected = sorted(p.name for p in paths.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    from course_utils.run_notebooks import lesson_notebooks
+
+    expected = [p.name for p in lesson_notebooks()]
     missing = sorted(set(expected) - {p.name for p in lessons})
     if missing:
         raise SiteError(f"no executed copy of {', '.join(missing)} in {executed_dir}: run `make run` "

@@ -165,7 +165,8 @@ def test_lesson_00_runs_from_the_ui_with_widgets_and_figures(lab, browser):
     from course_utils.run_notebooks import run_record
 
     page = open_notebook(browser, lab, f"notebooks/{LESSON}")
-    record = run_record(os.environ.get("COURSE_PROFILE") or "auto")
+    record = run_record(os.environ.get("COURSE_PROFILE") or "auto",
+                        "JupyterLab, tests/test_jupyterlab.py")
     run_all_from_the_menu(page, timeout_s=600)
     assert ui_problems(page) == []
     page.keyboard.press("Control+s")
@@ -173,7 +174,7 @@ def test_lesson_00_runs_from_the_ui_with_widgets_and_figures(lab, browser):
                            timeout=60_000)
     page.close()
     executed = json.loads((lab[2] / "notebooks" / LESSON).read_text())
-    executed["metadata"]["course"] = {**record, "executed_in": "JupyterLab, tests/test_jupyterlab.py"}
+    executed["metadata"]["course"] = record
     (artifacts_dir("executed") / LESSON).write_text(json.dumps(executed, indent=1))
 
 
