@@ -8,11 +8,12 @@ PROFILE ?= auto
 # Offline by design: the tiny profile never needs the network, and a stray download fails fast.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
-.PHONY: help install run test site browser lab exercises world course-model lint clean
+.PHONY: help install run test portability site browser lab exercises world course-model lint clean
 
 help:
 	@echo "make run           execute every notebook in order (PROFILE=$(PROFILE)), print the metrics table"
 	@echo "make test          run the whole test suite (unit tests, every notebook, grader)"
+	@echo "make portability   rerun stale lessons under 3 seeds, 1/2/4 threads and other CPU kernels: portability/"
 	@echo "make site          the executed course as a static site: artifacts/site/html/index.html"
 	@echo "make browser       install Debian's Chromium for the browser checks (needs root)"
 	@echo "make lab           open JupyterLab on the notebooks"
@@ -40,6 +41,12 @@ TEST_ENV := $(OFFLINE) OMP_NUM_THREADS=1 COURSE_PROFILE=tiny COURSE_STRICT_CLAIM
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest notebooks tests --ignore=tests/test_site.py --deselect notebooks/00_setup_and_tour.ipynb -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 	$(TEST_ENV) $(PY) -m pytest tests/test_site.py --durations=5
+
+# Every lesson whose report in portability/ is stale (or LESSONS="04 09", or LESSONS=--all), under the
+# variations of course_utils/portability.py: two more seeds, 2 and 4 threads, other CPU kernels. The
+# reports are committed; tests/test_portability.py fails when one no longer matches its lesson.
+portability: $(STAMP)
+	$(OFFLINE) $(PY) -m course_utils.portability $(LESSONS)
 
 # the executed course (artifacts/executed/, from `make run` or `make test`) as a static site
 site: $(STAMP)

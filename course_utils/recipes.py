@@ -290,6 +290,11 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
         raise RecipeError(f"{path}: 'profile' is {values['profile']!r}, but it was loaded for the "
                           f"{file_profile!r} profile")
     recipe = Recipe(stage, profile_name, path.resolve(), values)
+    if path.resolve().is_relative_to(recipes_dir().resolve()):  # what `make portability` hashes
+        from course_utils import reporting
+
+        reporting.record({"kind": "recipe", "file": path.resolve().relative_to(
+            recipes_dir().resolve()).as_posix()})
     if profile_name == REHEARSAL:
         caps = rehearsal_caps().get(stage)
         if caps:

@@ -44,19 +44,49 @@ class Verdicts(dict):
         pass
 
 
-def check_claims(claims: dict[str, bool], strict: bool | None = None) -> dict[str, bool]:
+#: ``make portability`` sets this to a JSON-lines file: every claim and ``check_close`` of the
+#: lesson is appended to it, with the quantities it compared (``course_utils.portability``)
+LOG_VARIABLE = "COURSE_PORTABILITY_LOG"
+
+
+def record(entry: dict) -> None:
+    """Append ``entry`` to the portability log when one is set (``make portability``)."""
+    log = os.environ.get(LOG_VARIABLE)
+    if log:
+        with open(log, "a", encoding="utf-8") as file:
+            file.write(json.dumps(entry, default=_plain) + "\n")
+
+
+def _plain(value):
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    raise TypeError(f"cannot record {value!r}")
+
+
+def _number(value) -> float | int | bool:
+    value = value.item() if hasattr(value, "item") else value
+    if not isinstance(value, (int, float, bool)):
+        raise TypeError(f"a measured quantity must be a number, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_claims(claims: dict[str, bool], strict: bool | None = None,
+                 measured: dict[str, float] | None = None) -> dict[str, bool]:
     """Check what a lesson's text says about the numbers just measured, and print the verdicts.
 
     ``claims`` maps each statement, worded as the text words it, to the condition (computed from
-    this run's numbers) that makes it true. The text was written against measured runs of the
-    ``tiny`` profile; on other hardware or another profile the numbers can differ, so a statement
-    that does not hold prints a warning telling the reader to trust the numbers, not the sentence.
-    With ``strict`` (default: the environment variable ``COURSE_STRICT_CLAIMS=1``, which
+    this run's numbers) that makes it true; ``measured`` names the numbers those conditions
+    compare (printed when a statement does not hold, and recorded by ``make portability``, whose
+    report gives each one's range over seeds, thread counts and CPU kernels). The text states
+    only what held in every run of that report (``portability/``). On another machine a
+    statement can still fail; then this prints the numbers measured here beside the report's
+    ranges. With ``strict`` (default: the environment variable ``COURSE_STRICT_CLAIMS=1``, which
     ``make test`` sets) it raises ``ClaimError`` instead, so CI fails when a lesson's text no longer
     matches what the lesson measures. Returns ``{statement: holds}``.
     """
     if strict is None:
         strict = os.environ.get(STRICT_CLAIMS_VARIABLE) == "1"
+    measured = {name: _number(value) for name, value in (measured or {}).items()}
     verdicts = Verdicts()
     for statement, condition in claims.items():
         if not isinstance(condition, (bool, numpy.bool_)):
@@ -64,15 +94,41 @@ def check_claims(claims: dict[str, bool], strict: bool | None = None) -> dict[st
                             f"tensor), got {type(condition).__name__} {condition!r}")
         verdicts[statement] = bool(condition)
         print(f"{'holds' if verdicts[statement] else 'DOES NOT HOLD'}: {statement}")
+        record({"kind": "claim", "statement": statement, "holds": verdicts[statement],
+                "measured": measured})
     failed = [statement for statement, holds in verdicts.items() if not holds]
     if failed:
         message = ("the lesson's text says " + "; ".join(repr(s) for s in failed)
                    + ", but this run's numbers do not show it")
         if strict:
             raise ClaimError(message + ". Fix the experiment or rewrite the text to match the numbers.")
-        print(f"Warning: {message}. Read the numbers above, not the sentence: they were measured "
-              f"on this machine and profile, the text on the course's CPU with the tiny profile.")
+        print(f"Warning: {message}.")
+        print(what_the_report_found(failed, measured))
     return verdicts
+
+
+def what_the_report_found(statements: list[str], measured: dict[str, float]) -> str:
+    """For a learner whose run did not support a statement: this run's numbers beside the ranges
+    the portability report (``portability/<lesson>.json``) found for the same statement."""
+    from course_utils import portability  # the report's reader; imported late: it imports us
+
+    lines = []
+    for statement in statements:
+        found = portability.claim_in_reports(statement)
+        if found is None:
+            lines.append(f"  {statement!r}: the portability report has no run of it")
+            continue
+        lesson, claim = found
+        lines.append(f"  {statement!r}: held in {claim['held']} of {claim['runs']} runs of the "
+                     f"portability report ({lesson}: {portability.describe_variations(lesson)})")
+        for name, value in measured.items():
+            span = claim.get("measured", {}).get(name)
+            where = (f"report {format_value(span[0])} to {format_value(span[1])}" if span
+                     else "not in the report")
+            lines.append(f"      {name} = {format_value(value)} here; {where}")
+    lines.append("Your machine computes with other kernels (CPU, threads, library builds) than the runs "
+                 "the text was checked on; the numbers above are what this run measured.")
+    return "\n".join(lines)
 
 
 def read_all_metrics(root: Path | None = None) -> dict[str, dict]:

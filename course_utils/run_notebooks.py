@@ -55,9 +55,10 @@ def run_record(profile: str, executed_in: str) -> dict:
 
 
 def execute(notebook: Path, target: Path | None = None, profile: str | None = None,
-            cell_timeout: int | None = None) -> Path:
+            cell_timeout: int | None = None, parameters: dict | None = None) -> Path:
     """Execute ``notebook`` with papermill in its own folder, write the executed copy (default
     ``artifacts/executed/<name>``) with ``run_record`` in its metadata, and return its path.
+    ``parameters`` are set besides ``PROFILE`` (``make portability`` sets ``SEED``).
     Raises ``NotebookFailed`` when a cell raises."""
     import nbformat
     import papermill
@@ -70,7 +71,8 @@ def execute(notebook: Path, target: Path | None = None, profile: str | None = No
     backend = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = INLINE_BACKEND
     try:
-        papermill.execute_notebook(str(notebook), str(target), parameters={"PROFILE": profile},
+        papermill.execute_notebook(str(notebook), str(target),
+                                   parameters={"PROFILE": profile, **(parameters or {})},
                                    cwd=str(notebook.parent), kernel_name="python3",
                                    progress_bar=False, execution_timeout=cell_timeout)
     except papermill.PapermillExecutionError as error:

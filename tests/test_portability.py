@@ -1,0 +1,156 @@
+"""The portability report (``portability/``, ``make portability``): it describes today's lessons
+and recipes, every claim held in every run it made, and its machinery records what it says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from course_utils import portability, reporting
+from course_utils.numerics import check_close
+from course_utils.run_notebooks import lesson_notebooks
+
+LESSONS = [path.stem for path in lesson_notebooks()]
+
+
+@pytest.mark.parametrize("stem", LESSONS)
+def test_the_report_describes_todays_lesson_and_recipes(stem):
+    why = portability.why_stale(stem)
+    assert why is None, (f"portability/{stem}.json: {why}. Run `make portability` (it reruns only the "
+                         f"lessons whose report is stale) and commit portability/.")
+
+
+@pytest.mark.parametrize("stem", LESSONS)
+def test_every_claim_and_check_held_in_every_variation(stem):
+    report = portability.read_report(stem)
+    if report is None:
+        pytest.fail(f"no portability/{stem}.json: run `make portability`")
+    ran = {run["variation"] for run in report["runs"] if run["completed"]}
+    assert ran == set(portability.VARIATION_NAMES), \
+        f"{stem} did not complete under {sorted(set(portability.VARIATION_NAMES) - ran)}"
+    assert report["claims"], "a lesson with no claim checked"
+    failing = [f"{c.get('statement') or c.get('what')!r} held in {c['held']} of {c['runs']} "
+               f"(not in {', '.join(c['failed_in'])})"
+               for c in report["claims"] + report["checks"] if c["held"] != c["runs"]]
+    assert not failing, f"{stem}: " + "; ".join(failing)
+
+
+def test_the_variations_cover_seeds_threads_and_kernels():
+    variations = {v.name: v for v in portability.VARIATIONS}
+    assert {v.seed_offset for v in variations.values()} >= {0, 1, 2}
+    assert {v.threads for v in variations.values()} >= {1, 2, 4}
+    assert {v.env.get("ATEN_CPU_CAPABILITY") for v in variations.values()} >= {"avx2", "default"}
+    # one change at a time from the reference run
+    for variation in variations.values():
+        changes = ((variation.seed_offset != 0) + (variation.threads != 1) + bool(variation.env)
+                   + bool(variation.startup))
+        assert changes == (variation.name != "reference"), variation.name
+
+
+def test_seeds_are_shifted_everywhere_and_nothing_else(tmp_path):
+    shifted = portability.shifted_recipes(2, tmp_path)
+    originals = sorted(portability.RECIPES_DIR.glob("*/*.yaml"))
+    assert originals
+    found_nested = False
+    for original in originals:
+        before = yaml.safe_load(original.read_text())
+        after = yaml.safe_load((shifted / original.relative_to(portability.RECIPES_DIR)).read_text())
+
+        def compare(a, b, where, original=original):
+            nonlocal found_nested
+            if isinstance(a, dict):
+                assert set(a) == set(b), where
+                for key in a:
+                    if key == "seed" and isinstance(a[key], int):
+                        assert b[key] == a[key] + 2, f"{where}.{key}"
+                        found_nested |= where != original.name
+                    else:
+                        compare(a[key], b[key], f"{where}.{key}", original)
+            else:
+                assert a == b, where
+
+        if isinstance(before, dict):
+            compare(before, after, original.name)
+    assert found_nested  # the evaluation recipe's sampling seed, one level down
+
+
+def test_a_report_goes_stale_when_its_lesson_an_upstream_lesson_or_a_recipe_changes(tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(portability, "REPORT_DIR", tmp_path)
+    stem = next(s for s in LESSONS if s.startswith("09"))
+    run = {"variation": "reference", "seconds": 1.0, "completed": True, "error": None,
+           "entries": [{"kind": "recipe", "file": "tiny/ppo.yaml"}], "metrics": {}}
+    portability.write_report(stem, [run], 1.0)
+    assert portability.why_stale(stem) is None
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert set(report["upstream_sha256"]) == {s for s in LESSONS if s[:2] in ("07", "08")}
+    assert list(report["recipes_sha256"]) == ["tiny/ppo.yaml"]
+
+    for change, expected in [
+            (lambda r: r.update(lesson_sha256="0" * 64), f"notebooks/{stem}.ipynb changed"),
+            (lambda r: r["upstream_sha256"].update({LESSONS[7]: "0" * 64}), "whose models it uses"),
+            (lambda r: r["recipes_sha256"].update({"tiny/ppo.yaml": "0" * 64}), "tiny/ppo.yaml changed")]:
+        changed = json.loads(json.dumps(report))
+        change(changed)
+        (tmp_path / f"{stem}.json").write_text(json.dumps(changed))
+        assert expected in portability.why_stale(stem)
+    (tmp_path / f"{stem}.json").unlink()
+    assert portability.why_stale(stem) == "no report yet"
+
+
+def test_the_report_counts_each_claim_per_run_and_a_run_that_stopped_early_as_failed(tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(portability, "REPORT_DIR", tmp_path)
+
+    def claim(statement, holds, **measured):
+        return {"kind": "claim", "statement": statement, "holds": holds, "measured": measured}
+
+    runs = [{"variation": "reference", "seconds": 10.0, "completed": True, "error": None,
+             "metrics": {"acc": 0.5},
+             "entries": [claim("A", True, gap=0.3), claim("B", True),
+                         {"kind": "check_close", "what": "x", "holds": True, "max_abs_error": 1e-7,
+                          "atol": 1e-6, "rtol": 0.0, "reference_max_abs": 1.0}]},
+            {"variation": "seed+1", "seconds": 11.0, "completed": True, "error": None,
+             "metrics": {"acc": 0.7},
+             "entries": [claim("A", False, gap=-0.1), claim("B", True),
+                         {"kind": "check_close", "what": "x", "holds": True, "max_abs_error": 3e-7,
+                          "atol": 1e-6, "rtol": 0.0, "reference_max_abs": 1.0}]},
+            {"variation": "threads-2", "seconds": 3.0, "completed": False, "error": "AssertionError",
+             "metrics": {}, "entries": [claim("A", True, gap=0.2)]}]
+    report = portability.summarize(LESSONS[0], runs, 24.0)
+    by_statement = {c["statement"]: c for c in report["claims"]}
+    assert (by_statement["A"]["held"], by_statement["A"]["failed_in"]) == (2, ["seed+1"])
+    assert by_statement["A"]["measured"] == {"gap": [-0.1, 0.3]}
+    assert (by_statement["B"]["held"], by_statement["B"]["failed_in"]) == (2, ["threads-2"])
+    assert report["checks"][0]["max_abs_error"] == [1e-7, 3e-7]
+    assert report["checks"][0]["failed_in"] == ["threads-2"]
+    assert report["metrics"] == {"acc": [0.5, 0.7]}
+
+
+def test_claims_and_checks_are_logged_and_a_learner_sees_the_reports_range(tmp_path, monkeypatch,
+                                                                         capsys):
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv(reporting.LOG_VARIABLE, str(log))
+    monkeypatch.delenv(reporting.STRICT_CLAIMS_VARIABLE, raising=False)
+    monkeypatch.setattr(portability, "REPORT_DIR", tmp_path)
+    (tmp_path / "99_made_up.json").write_text(json.dumps({
+        "lesson": "99_made_up", "runs": [{"variation": "reference"}, {"variation": "seed+1"}],
+        "machine": {"cpu": "a CPU"},
+        "claims": [{"statement": "the gap is positive", "held": 2, "runs": 2, "failed_in": [],
+                    "measured": {"gap": [0.12, 0.31]}}]}))
+    monkeypatch.setattr(portability, "read_report", lambda stem: json.loads(
+        (tmp_path / f"{stem}.json").read_text()))
+    verdicts = reporting.check_claims({"the gap is positive": False}, measured={"gap": -0.05})
+    assert verdicts == {"the gap is positive": False}
+    out = capsys.readouterr().out
+    assert "held in 2 of 2 runs" in out and "gap = -0.05 here; report 0.12 to 0.31" in out
+    check_close(torch.tensor([1.0, 2.0], dtype=torch.float64),
+                torch.tensor([1.0, 2.0 + 1e-7], dtype=torch.float64), what="two numbers")
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entries[0] == {"kind": "claim", "statement": "the gap is positive", "holds": False,
+                          "measured": {"gap": -0.05}}
+    assert entries[1]["kind"] == "check_close" and entries[1]["holds"] is True
+    assert entries[1]["max_abs_error"] == pytest.approx(1e-7, rel=1e-3)
