@@ -154,3 +154,13 @@ def test_claims_and_checks_are_logged_and_a_learner_sees_the_reports_range(tmp_p
                           "measured": {"gap": -0.05}}
     assert entries[1]["kind"] == "check_close" and entries[1]["holds"] is True
     assert entries[1]["max_abs_error"] == pytest.approx(1e-7, rel=1e-3)
+
+
+def test_the_readme_says_what_the_reports_say():
+    readme = (portability.paths.REPO_ROOT / "README.md").read_text()
+    start = readme.index(portability.README_BEGIN)
+    end = readme.index(portability.README_END) + len(portability.README_END)
+    assert readme[start:end] == portability.readme_block(), \
+        "README's portability table differs from portability/*.json: run `make portability`"
+    summary = (portability.REPORT_DIR / "README.md").read_text()
+    assert summary == portability.summary_markdown(), "portability/README.md is out of date"
