@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -256,6 +257,7 @@ def run_lesson(stem: str, variation: Variation, workdir: Path, recipes: Path | N
         env["IPYTHONDIR"] = str(artifacts / "ipython")
     seed = notebook_seed(path)
     parameters = {} if seed is None else {"SEED": seed + variation.seed_offset}
+    pinned = pins(stem)  # before it runs: a lesson edited meanwhile does not match its result
     start = time.perf_counter()
     child = subprocess.run(
         [sys.executable, "-m", "course_utils.portability", "--execute", str(path),
@@ -266,7 +268,7 @@ def run_lesson(stem: str, variation: Variation, workdir: Path, recipes: Path | N
     result = {"variation": variation.name, "seconds": round(seconds, 1), "completed": child.returncode == 0,
               "error": None if child.returncode == 0
               else (child.stderr.strip().splitlines() or ["?"])[-1][:500],
-              "pinned": pins(stem), "entries": entries,
+              "pinned": pinned, "entries": entries,
               "metrics": json.loads(metrics.read_text()) if metrics.exists() else {}}
     result["recipes_sha256"] = {name: file_hash(RECIPES_DIR / name) for name in sorted(
         {e["file"] for e in entries if e["kind"] == "recipe"})}
@@ -333,13 +335,19 @@ def run(stems: list[str], variations=VARIATIONS, workers: int = 2, workdir: Path
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {stem} {variation.name}: {outcome} in "
               f"{result['seconds']:.0f} s; {sum(held)}/{len(held)} claims and checks held", flush=True)
 
+    lock = threading.Lock()
+
+    def finished(stem, variation, result):
+        progress(stem, variation, result)
+        with lock:  # a lesson's report as soon as every variation of it has run
+            if all(v.name in results.get(stem, {}) for v in variations):
+                write_report(stem, [results[stem][v.name] for v in VARIATIONS if v.name in results[stem]])
+                write_summary()
+
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(run_chain, chain, variation, workdir, results, progress, reuse)
+        for future in [pool.submit(run_chain, chain, variation, workdir, results, finished, reuse)
                        for chain, variation in jobs]:
             future.result()
-    for stem in stems:
-        write_report(stem, [results[stem][v.name] for v in variations], time.perf_counter() - start)
-    write_summary()
     return results
 
 
@@ -351,7 +359,7 @@ def _span(values: list) -> list:
     return [min(values), max(values)]
 
 
-def summarize(stem: str, runs: list[dict], wall_seconds: float) -> dict:
+def summarize(stem: str, runs: list[dict]) -> dict:
     """One lesson's report from its runs (one per variation)."""
     from course_utils.run_notebooks import run_record
 
@@ -400,7 +408,7 @@ def summarize(stem: str, runs: list[dict], wall_seconds: float) -> dict:
                   "description": next(v.description for v in VARIATIONS if v.name == r["variation"]),
                   "completed": r["completed"], "error": r["error"], "seconds": r["seconds"]}
                  for r in runs],
-        "wall_seconds_all_lessons": round(wall_seconds),
+        "minutes_all_runs": round(sum(r["seconds"] for r in runs) / 60, 1),
         "claims": [{"statement": c["statement"], "held": len(c["held_in"]), "runs": len(every),
                     "failed_in": c["failed_in"],
                     "measured": {name: _span(values) for name, values in c["values"].items()}}
@@ -412,10 +420,10 @@ def summarize(stem: str, runs: list[dict], wall_seconds: float) -> dict:
     }
 
 
-def write_report(stem: str, runs: list[dict], wall_seconds: float) -> Path:
+def write_report(stem: str, runs: list[dict]) -> Path:
     REPORT_DIR.mkdir(exist_ok=True)
     path = report_path(stem)
-    path.write_text(json.dumps(summarize(stem, runs, wall_seconds), indent=1) + "\n")
+    path.write_text(json.dumps(summarize(stem, runs), indent=1) + "\n")
     return path
 
 
@@ -571,7 +579,8 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown variation(s) {', '.join(sorted(unknown))}; choose from "
                          f"{', '.join(VARIATION_NAMES)}")
-    variations = [v for v in VARIATIONS if v.name in args.variations.split(",")]
+    by_name = {v.name: v for v in VARIATIONS}
+    variations = [by_name[name] for name in args.variations.split(",")]  # run in the order given
     stems = every if args.all else [lesson_path(s).stem for s in args.lessons] or \
         [stem for stem, why in stale.items() if why]
     if not stems:

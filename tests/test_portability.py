@@ -83,7 +83,7 @@ def test_a_report_goes_stale_when_its_lesson_an_upstream_lesson_or_a_recipe_chan
     stem = next(s for s in LESSONS if s.startswith("09"))
     run = {"variation": "reference", "seconds": 1.0, "completed": True, "error": None,
            "entries": [{"kind": "recipe", "file": "tiny/ppo.yaml"}], "metrics": {}}
-    portability.write_report(stem, [run], 1.0)
+    portability.write_report(stem, [run])
     assert portability.why_stale(stem) is None
     report = json.loads((tmp_path / f"{stem}.json").read_text())
     assert set(report["upstream_sha256"]) == {s for s in LESSONS if s[:2] in ("07", "08")}
@@ -120,7 +120,7 @@ def test_the_report_counts_each_claim_per_run_and_a_run_that_stopped_early_as_fa
                           "atol": 1e-6, "rtol": 0.0, "reference_max_abs": 1.0}]},
             {"variation": "threads-2", "seconds": 3.0, "completed": False, "error": "AssertionError",
              "metrics": {}, "entries": [claim("A", True, gap=0.2)]}]
-    report = portability.summarize(LESSONS[0], runs, 24.0)
+    report = portability.summarize(LESSONS[0], runs)
     by_statement = {c["statement"]: c for c in report["claims"]}
     assert (by_statement["A"]["held"], by_statement["A"]["failed_in"]) == (2, ["seed+1"])
     assert by_statement["A"]["measured"] == {"gap": [-0.1, 0.3]}
