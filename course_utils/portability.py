@@ -57,9 +57,10 @@ from course_utils import paths
 REPORT_DIR = paths.REPO_ROOT / "portability"
 RECIPES_DIR = paths.REPO_ROOT / "configs" / "recipes"
 
-#: lessons whose models (``artifacts/models/``) or method runs (``artifacts/peft_runs/``) a lesson
-#: uses: a change to one of them changes what the later lesson measures
-UPSTREAM = {"05": ("02", "03", "04"), "08": ("07",), "09": ("07", "08"), "10": ("07", "08"),
+#: lessons whose models (``artifacts/models/``) a lesson uses: a change to one of them changes what
+#: the later lesson measures. (Lesson 05 reuses 02-04's method runs, but each is saved under a key of
+#: everything that determines it, not of the notebook: a changed lesson 02 changes nothing 05 measures.)
+UPSTREAM = {"08": ("07",), "09": ("07", "08"), "10": ("07", "08"),
             "11": ("07", "08", "09", "10")}
 
 #: lessons that run one after the other in a variation's folder (the others' models are theirs)
