@@ -131,7 +131,11 @@ def landing_page(records: dict[str, dict]) -> str:
     course_map = "## " + next(part for part in readme.split("\n## ") if part.startswith("Course map"))
     lines = [f"# {TITLE}", rewrite_links(intro, "README.md"), rewrite_links(course_map, "README.md"),
              "## This build", "",
-             "Every lesson page shows its notebook as it was executed, outputs included, on:", "",
+             "Every lesson page shows its notebook as it was executed, outputs included, on one "
+             "machine: another CPU, thread count or seed prints other numbers, while the sentences "
+             "each lesson checks hold in every run of the portability report (the guide's section "
+             "*The same numbers on every machine?* says what varies and by how much). This build ran:",
+             "",
              "| lesson | executed (UTC) | run through | profile | machine | torch | transformers | peft "
              "| trl | bitsandbytes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, record in records.items():
