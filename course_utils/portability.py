@@ -29,9 +29,9 @@ after the report was made, and when a claim did not hold in every run.
     python -m course_utils.portability --all           # every lesson
     python -m course_utils.portability --check         # say which reports are stale; exit 1 if any
 
-Variations run side by side, one thread each (two workers on two cores), in
-``artifacts/portability/<variation>/``, so that lessons 08-11 find the models 07-10 built under
-the same variation.
+Lessons run side by side, one thread each (two workers on two cores), then the variations with
+more threads one lesson at a time, each variation in ``artifacts/portability/<variation>/``, so
+that lessons 08-11 find the models 07-10 built under the same variation.
 """
 
 from __future__ import annotations
@@ -248,6 +248,8 @@ def run_lesson(stem: str, variation: Variation, workdir: Path, recipes: Path | N
            "COURSE_PORTABILITY_LOG": str(log), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            **variation.env}
+    if variation.threads > os.cpu_count():
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # more threads than cores: idle ones sleep, not spin
     env.pop("COURSE_STRICT_CLAIMS", None)
     if recipes is not None:
         env["COURSE_RECIPES"] = str(recipes)
@@ -345,10 +347,16 @@ def run(stems: list[str], variations=VARIATIONS, workers: int = 2, workdir: Path
                 write_report(stem, [results[stem][v.name] for v in VARIATIONS if v.name in results[stem]])
                 write_summary()
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(run_chain, chain, variation, workdir, results, finished, reuse)
-                       for chain, variation in jobs]:
-            future.result()
+    # one thread per lesson: `workers` lessons side by side. A variation with more threads runs
+    # its lessons one at a time: two lessons of two threads each on two cores spend most of their
+    # time waiting for each other at every parallel region (lesson 00 took 10 minutes, not 1)
+    side_by_side = [(chain, v) for chain, v in jobs if v.threads == 1]
+    alone = [(chain, v) for chain, v in jobs if v.threads > 1]
+    for batch, width in [(side_by_side, workers), (alone, 1)]:
+        with concurrent.futures.ThreadPoolExecutor(width) as pool:
+            for future in [pool.submit(run_chain, chain, variation, workdir, results, finished, reuse)
+                           for chain, variation in batch]:
+                future.result()
     return results
 
 
