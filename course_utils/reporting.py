@@ -126,8 +126,8 @@ def what_the_report_found(statements: list[str], measured: dict[str, float]) -> 
             where = (f"report {format_value(span[0])} to {format_value(span[1])}" if span
                      else "not in the report")
             lines.append(f"      {name} = {format_value(value)} here; {where}")
-    lines.append("Your machine computes with other kernels (CPU, threads, library builds) than the runs "
-                 "the text was checked on; the numbers above are what this run measured.")
+    lines.append("The report's runs used the tiny profile on CPUs; another profile, another machine's "
+                 "kernels or thread count give other numbers. Those above are what this run measured.")
     return "\n".join(lines)
 
 
