@@ -10,8 +10,9 @@ server each pick another combination. So this module runs each lesson under
 - the recipes as they are, one thread (what ``make test`` runs), the *reference* run;
 - every recipe seed (and each notebook's ``SEED``) shifted by 1 and by 2;
 - 2 and 4 threads;
-- torch's AVX2 and scalar kernels instead of AVX-512 (``ATEN_CPU_CAPABILITY``; AVX2 also turns
-  off bitsandbytes' AVX-512 CPU paths, which follow torch's capability);
+- torch's AVX2 kernels instead of AVX-512 (``ATEN_CPU_CAPABILITY=avx2``, which also turns off
+  bitsandbytes' AVX-512 CPU paths, since they follow torch's capability; the scalar kernels,
+  ``aten-scalar``, run only when asked for: ``EXTRA_VARIATIONS`` says why);
 - MKL's conditional-numerical-reproducibility code path (``MKL_CBWR=COMPATIBLE``), whose matrix
   products round differently from the path this CPU picks by itself, as another CPU's would;
 - bitsandbytes as on a CPU without AVX512-BF16 (``NO_AVX512_BF16``: no repacked 4-bit kernel);
@@ -101,10 +102,17 @@ VARIATIONS = (
               env={"MKL_CBWR": "COMPATIBLE"}),
     Variation("bnb-no-avx512bf16", "bitsandbytes as on a CPU without AVX512-BF16 (no repacked 4-bit "
               "inference kernel)", startup=NO_AVX512_BF16),
+)
+VARIATION_NAMES = tuple(v.name for v in VARIATIONS)
+
+#: variations that run only when asked for by name (``--variations aten-scalar``), not in the
+#: committed report: torch's scalar kernels are what an x86 CPU without AVX2 runs (chips before
+#: 2013, some low-end Atom-class ones after), rare among the machines the course is for (laptops,
+#: Colab, CI servers), and every lesson under them costs as much as another variation
+EXTRA_VARIATIONS = (
     Variation("aten-scalar", "torch's scalar kernels (no vector instructions)",
               env={"ATEN_CPU_CAPABILITY": "default"}),
 )
-VARIATION_NAMES = tuple(v.name for v in VARIATIONS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +352,8 @@ def run(stems: list[str], variations=VARIATIONS, workers: int = 2, workdir: Path
         progress(stem, variation, result)
         with lock:  # a lesson's report as soon as every variation of it has run
             if all(v.name in results.get(stem, {}) for v in variations):
-                write_report(stem, [results[stem][v.name] for v in VARIATIONS if v.name in results[stem]])
+                write_report(stem, [results[stem][v.name] for v in VARIATIONS + EXTRA_VARIATIONS
+                                    if v.name in results[stem]])
                 write_summary()
 
     # one thread per lesson: `workers` lessons side by side. A variation with more threads runs
@@ -414,7 +423,8 @@ def summarize(stem: str, runs: list[dict]) -> dict:
         "upstream_sha256": {u: lesson_hash(lesson_path(u)) for u in upstream_of(stem)},
         "recipes_sha256": {name: file_hash(RECIPES_DIR / name) for name in sorted(recipes)},
         "runs": [{"variation": r["variation"],
-                  "description": next(v.description for v in VARIATIONS if v.name == r["variation"]),
+                  "description": next(v.description for v in VARIATIONS + EXTRA_VARIATIONS
+                                      if v.name == r["variation"]),
                   "completed": r["completed"], "error": r["error"], "seconds": r["seconds"]}
                  for r in runs],
         "minutes_all_runs": round(sum(r["seconds"] for r in runs) / 60, 1),
@@ -562,7 +572,8 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help="every lesson")
     parser.add_argument("--check", action="store_true", help="list stale reports; exit 1 if any")
     parser.add_argument("--variations", default=",".join(VARIATION_NAMES),
-                        help=f"comma-separated, from {', '.join(VARIATION_NAMES)}")
+                        help=f"comma-separated, in the order to run them, from "
+                             f"{', '.join(v.name for v in VARIATIONS + EXTRA_VARIATIONS)}")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rerun", action="store_true",
                         help="run again even where artifacts/portability/ holds a run of the same lesson")
@@ -584,11 +595,12 @@ def main(argv=None) -> int:
     if args.summary:
         print(write_summary())
         return 0
-    unknown = set(args.variations.split(",")) - set(VARIATION_NAMES)
+    known = [v.name for v in VARIATIONS + EXTRA_VARIATIONS]
+    unknown = set(args.variations.split(",")) - set(known)
     if unknown:
         raise SystemExit(f"unknown variation(s) {', '.join(sorted(unknown))}; choose from "
-                         f"{', '.join(VARIATION_NAMES)}")
-    by_name = {v.name: v for v in VARIATIONS}
+                         f"{', '.join(known)}")
+    by_name = {v.name: v for v in VARIATIONS + EXTRA_VARIATIONS}
     variations = [by_name[name] for name in args.variations.split(",")]  # run in the order given
     stems = every if args.all else [lesson_path(s).stem for s in args.lessons] or \
         [stem for stem, why in stale.items() if why]
