@@ -350,10 +350,11 @@ def run(stems: list[str], variations=VARIATIONS, workers: int = 2, workdir: Path
 
     def finished(stem, variation, result):
         progress(stem, variation, result)
-        with lock:  # a lesson's report as soon as every variation of it has run
-            if all(v.name in results.get(stem, {}) for v in variations):
-                write_report(stem, [results[stem][v.name] for v in VARIATIONS + EXTRA_VARIATIONS
-                                    if v.name in results[stem]])
+        with lock:  # a lesson's report as soon as it has a run of every variation of the report
+            runs = {v.name: results.get(stem, {}).get(v.name) or saved_result(workdir, v, stem)
+                    for v in VARIATIONS + EXTRA_VARIATIONS}
+            if all(runs[v.name] for v in VARIATIONS):
+                write_report(stem, [run_ for run_ in runs.values() if run_])
                 write_summary()
 
     # one thread per lesson: `workers` lessons side by side. A variation with more threads runs

@@ -29,7 +29,7 @@ def test_every_claim_and_check_held_in_every_variation(stem):
     if report is None:
         pytest.fail(f"no portability/{stem}.json: run `make portability`")
     ran = {run["variation"] for run in report["runs"] if run["completed"]}
-    assert ran == set(portability.VARIATION_NAMES), \
+    assert ran >= set(portability.VARIATION_NAMES), \
         f"{stem} did not complete under {sorted(set(portability.VARIATION_NAMES) - ran)}"
     assert report["claims"], "a lesson with no claim checked"
     failing = [f"{c.get('statement') or c.get('what')!r} held in {c['held']} of {c['runs']} "
