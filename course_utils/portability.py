@@ -334,7 +334,7 @@ def run(stems: list[str], variations=VARIATIONS, workers: int = 2, workdir: Path
     A run saved in ``workdir`` by an earlier call, of the same lesson, upstream lessons and
     recipes, is reused unless ``reuse`` is false."""
     workdir = Path(workdir or paths.ARTIFACTS_DIR / "portability")
-    stems = [s for s in (lesson_path(s).stem for s in stems)]
+    stems = [lesson_path(stem).stem for stem in stems]
     chains = [[s for s in stems if s[:2] in chain] for chain in CHAINS]
     jobs = [(chain, variation) for variation in variations for chain in chains if chain]
     results: dict = {}

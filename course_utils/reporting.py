@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy
 
-from course_utils import paths
+from course_utils import paths, portability
 
 
 def write_metrics(notebook_stem: str, metrics: dict) -> Path:
@@ -110,8 +110,6 @@ def check_claims(claims: dict[str, bool], strict: bool | None = None,
 def what_the_report_found(statements: list[str], measured: dict[str, float]) -> str:
     """For a learner whose run did not support a statement: this run's numbers beside the ranges
     the portability report (``portability/<lesson>.json``) found for the same statement."""
-    from course_utils import portability  # the report's reader; imported late: it imports us
-
     lines = []
     for statement in statements:
         found = portability.claim_in_reports(statement)
