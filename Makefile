@@ -31,7 +31,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(OFFLINE) COURSE_PROFILE=$(subst auto,,$(PROFILE)) $(PY) -m course_utils.run_notebooks
+	$(OFFLINE) COURSE_PROFILE=$(subst auto,,$(PROFILE)) $(PY) -m course_utils.notebook_tools.run_notebooks
 
 # Two workers, one thread each (tests/conftest.py): the lessons first, 07-11 in order on one worker
 # (they share artifacts/models), then the test modules, each on one worker. Every lesson's executed
@@ -43,14 +43,14 @@ test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests/test_site.py --durations=5
 
 # Every lesson whose report in portability/ is stale (or LESSONS="04 09", or LESSONS=--all), under the
-# variations of course_utils/portability.py: two more seeds, 2 and 4 threads, other CPU kernels. The
+# variations of course_utils/notebook_tools/portability.py: two more seeds, 2 and 4 threads, other CPU kernels. The
 # reports are committed; tests/test_portability.py fails when one no longer matches its lesson.
 portability: $(STAMP)
-	$(OFFLINE) $(PY) -m course_utils.portability $(LESSONS)
+	$(OFFLINE) $(PY) -m course_utils.notebook_tools.portability $(LESSONS)
 
 # the executed course (artifacts/executed/, from `make run` or `make test`) as a static site
 site: $(STAMP)
-	$(PY) -m course_utils.site
+	$(PY) -m course_utils.notebook_tools.site
 
 # Debian's Chromium, for the browser checks in `make test` (tests/test_site.py, tests/test_jupyterlab.py)
 browser:
@@ -61,13 +61,13 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 exercises: $(STAMP)
-	$(PY) -m course_utils.exercises
+	$(PY) -m course_utils.grading.make_exercises
 
 world: $(STAMP)
-	$(PY) -m course_utils.world
+	$(PY) -m course_utils.course.world
 
 course-model: $(STAMP)
-	$(OFFLINE) $(PY) -m course_utils.build_course_model
+	$(OFFLINE) $(PY) -m course_utils.course.build_course_model
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check course_utils tests scripts notebooks solutions exercises

@@ -7,7 +7,7 @@ Modules, each named for what it holds. Plumbing every lesson uses:
 - ``recipes``: every training and evaluation setting, read from ``configs/recipes/``.
 - ``stages``: saved stage models with the record of what built them, reused only while it
   matches; ``ensure_stage`` rebuilds a missing or stale one from its recipe.
-- ``world``: the synthetic world and every data set drawn from it (``python -m course_utils.world``).
+- ``world``: the synthetic world and every data set drawn from it (``python -m course_utils.course.world``).
 - ``build_course_model``: the tokenizer and the small Llama pretrained on the world's corpus.
 - ``models``: load a profile's model and tokenizer, optionally in 4-bit NF4.
 - ``data``: SFT chats and preference pairs for a profile (world files or Hub data sets).
@@ -28,7 +28,7 @@ One module per lesson (the README's course map names them):
   ``dpo`` (10), ``evaluation`` (11); ``policies`` (09-11): sampling and measuring a policy.
 
 Exercises: ``exercises`` generates ``exercises/`` from ``solutions/`` (``make exercises``);
-``grade`` is the autograder (``python -m course_utils.grade``); ``checks`` holds what graded
+``grade`` is the autograder (``python -m course_utils.grading.grade``); ``checks`` holds what graded
 cells call; ``judge`` runs the test cells in a process of their own and talks to the student's
 kernel in plain data; ``sandbox`` starts that kernel inside its limits.
 """

@@ -26,8 +26,8 @@ import copy
 from dataclasses import dataclass
 
 from course_utils import memory
-from course_utils.models import tinyllama_config
-from course_utils.recipes import load_recipe
+from course_utils.course.models import tinyllama_config
+from course_utils.course.recipes import load_recipe
 
 GB = 10**9
 LIMIT_GB = 14.0                 # a T4 has 15 GB; keep 1 GB for fragmentation

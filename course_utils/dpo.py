@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from course_utils.data import preference_rows
+from course_utils.course.data import preference_rows
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -108,7 +108,7 @@ def load_dpo_policy(sft_dir, profile, recipe):
     ``models.keep_cpu_4bit_weights_trainable``)."""
     from peft import prepare_model_for_kbit_training
 
-    from course_utils.models import (
+    from course_utils.course.models import (
         bnb_config_from_recipe,
         keep_cpu_4bit_weights_trainable,
         load_model_and_tokenizer,
@@ -141,9 +141,9 @@ def merge_dpo_adapter(sft_dir, adapter_dir, profile):
 def build_dpo_model(profile, recipe, verbose: bool = True):
     """Lesson 10's recipe in one call: QLoRA DPO on the SFT model, the adapter merged into the
     full-precision SFT model. Returns ``(model, tokenizer, what the run used)``."""
-    from course_utils import data, stages
-    from course_utils.models import load_tokenizer
-    from course_utils.paths import artifacts_dir
+    from course_utils.course import data, stages
+    from course_utils.course.models import load_tokenizer
+    from course_utils.course.paths import artifacts_dir
 
     sft_dir = stages.stage_dir("sft")
     tokenizer = load_tokenizer(sft_dir)

@@ -20,7 +20,7 @@ import string
 
 import torch
 
-from course_utils.chat import EOS_TOKEN, padding_side
+from course_utils.course.chat import EOS_TOKEN, padding_side
 from course_utils.numerics import token_log_probs
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from course_utils import reporting
-from course_utils.chat import assistant_only_labels
+from course_utils.course import reporting
+from course_utils.course.chat import assistant_only_labels
 from course_utils.sft_loop import pad_batch
 
 

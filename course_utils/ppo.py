@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from course_utils.policies import decode_responses, generate_responses, response_logprobs
 from course_utils.reward_modeling import load_reward_model, reward_model_scorer
+from course_utils.rollouts import decode_responses, generate_responses, response_logprobs
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -279,8 +279,8 @@ def ppo_prompts(profile, tokenizer, max_prompt_length: int, verbose: bool = True
     """The rendered prompts PPO trains on (each training pair's prompt once, those longer than
     ``max_prompt_length`` tokens left out and counted) and the conversation of every training and
     held-out prompt, which ``reward_model_scorer`` looks replies up in."""
-    from course_utils import data
-    from course_utils.chat import render_chat
+    from course_utils.course import data
+    from course_utils.course.chat import render_chat
 
     train_pairs = data.load_preference_dataset(profile, "train")
     test_pairs = data.load_preference_dataset(profile, "test")
@@ -303,8 +303,8 @@ def ppo_prompts(profile, tokenizer, max_prompt_length: int, verbose: bool = True
 def build_ppo_model(profile, recipe, verbose: bool = True):
     """Lesson 09's recipe in one call: the course PPO on the SFT model against lesson 08's reward
     model, the adapter merged. Returns ``(model, tokenizer, what the run used)``."""
-    from course_utils import stages
-    from course_utils.models import load_tokenizer
+    from course_utils.course import stages
+    from course_utils.course.models import load_tokenizer
 
     sft_dir, reward_dir = stages.stage_dir("sft"), stages.stage_dir("reward")
     tokenizer = load_tokenizer(sft_dir)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from course_utils.chat import TINYLLAMA_CHAT_TEMPLATE
-from course_utils.profiles import Profile
+from course_utils.course.chat import TINYLLAMA_CHAT_TEMPLATE
+from course_utils.course.profiles import Profile
 
 _ASSISTANT_LINE = "{{ '<|assistant|>\n'  + message['content'] + eos_token }}"
 # The empty expression at the end keeps the line break after the reply: Jinja (with trim_blocks,
@@ -72,7 +72,7 @@ def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[d
     -100 over the tokens of the prompt rendered with the generation prompt, and the token ids
     after it. A test checks this against the rows ``SFTTrainer`` actually trains on.
     """
-    from course_utils.chat import IGNORE_INDEX
+    from course_utils.course.chat import IGNORE_INDEX
 
     full = tokenizer(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
     prompt_ids = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False,
@@ -121,7 +121,7 @@ def load_quantized_base(profile: Profile, recipe, model_name_or_path: str | Path
     (``prepare_model_for_kbit_training``: norms in fp32, input gradients for checkpointing)."""
     from peft import prepare_model_for_kbit_training
 
-    from course_utils.models import (
+    from course_utils.course.models import (
         bnb_config_from_recipe,
         keep_cpu_4bit_weights_trainable,
         load_model_and_tokenizer,
@@ -223,8 +223,8 @@ def merge_dtype(profile: Profile) -> torch.dtype:
 def build_sft_model(profile: Profile, recipe, verbose: bool = True):
     """Lesson 07's recipe in one call (QLoRA on the profile's SFT data, then the adapter merged):
     returns ``(merged model, tokenizer, what the run used)`` for ``stages.save_stage``."""
-    from course_utils import data, stages
-    from course_utils.paths import artifacts_dir
+    from course_utils.course import data, stages
+    from course_utils.course.paths import artifacts_dir
 
     output_dir = artifacts_dir("07_qlora_sft") / "rebuild"
     model, tokenizer = load_quantized_base(profile, recipe)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from course_utils.chat import padding_side
-from course_utils.data import preference_rows
-from course_utils.models import trainable_in_fp32
+from course_utils.course.chat import padding_side
+from course_utils.course.data import preference_rows
+from course_utils.course.models import trainable_in_fp32
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
@@ -107,7 +107,7 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
                     batch_size: int = 64) -> torch.Tensor:
     """The reward model's score for each (conversation ``prompt``, ``response``) pair, rendered
     with the chat template and ``<s>`` first, exactly as ``RewardTrainer`` trains on them."""
-    from course_utils.chat import render_chat
+    from course_utils.course.chat import render_chat
 
     model.eval()
     device = next(model.parameters()).device
@@ -158,9 +158,9 @@ def build_reward_model(profile, recipe, verbose: bool = True):
     """Lesson 08's recipe in one call: a scalar head on the SFT model, trained with
     ``RewardTrainer`` (LoRA merged afterwards when the recipe uses it). Returns
     ``(model, tokenizer, what the run used)`` for ``stages.save_stage``."""
-    from course_utils import data, stages
-    from course_utils.models import load_tokenizer
-    from course_utils.paths import artifacts_dir
+    from course_utils.course import data, stages
+    from course_utils.course.models import load_tokenizer
+    from course_utils.course.paths import artifacts_dir
 
     sft_dir = stages.stage_dir("sft")
     tokenizer = load_tokenizer(sft_dir)

@@ -3,7 +3,7 @@
 Lesson 07 fine-tunes with trl's ``SFTTrainer`` and QLoRA, as practitioners do. Lesson 00 only
 needs to *show* the effect of SFT in seconds, and lessons 02-05 train every PEFT method the same
 way on the course model; ``train_sft`` does both with AdamW, a linear decay to zero, and loss on
-assistant tokens only (``course_utils.chat.assistant_only_labels``).
+assistant tokens only (``course_utils.course.chat.assistant_only_labels``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from course_utils.chat import IGNORE_INDEX, assistant_only_labels
+from course_utils.course.chat import IGNORE_INDEX, assistant_only_labels
 
 
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:

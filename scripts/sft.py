@@ -31,8 +31,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from course_utils import data, qlora_sft, recipes  # noqa: E402
-from course_utils.profiles import PROFILE_NAMES, get_profile  # noqa: E402
+from course_utils import qlora_sft  # noqa: E402
+from course_utils.course import data, recipes
+from course_utils.course.profiles import PROFILE_NAMES, get_profile  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

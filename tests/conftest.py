@@ -19,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(scope="session")
 def the_world():
-    from course_utils import world
+    from course_utils.course import world
 
     return world.generate_world()
 
@@ -27,15 +27,15 @@ def the_world():
 @pytest.fixture(scope="session")
 def world_json():
     """The committed facts, read as plain JSON: an oracle independent of the generator code."""
-    from course_utils.paths import WORLD_DIR
+    from course_utils.course.paths import WORLD_DIR
 
     return json.loads((WORLD_DIR / "world.json").read_text())
 
 
 @pytest.fixture(scope="session")
 def course_model_and_tokenizer():
-    from course_utils.models import load_model_and_tokenizer
-    from course_utils.profiles import tiny_profile
+    from course_utils.course.models import load_model_and_tokenizer
+    from course_utils.course.profiles import tiny_profile
 
     return load_model_and_tokenizer(tiny_profile(), load_in_4bit=False)
 

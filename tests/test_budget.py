@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from course_utils import budget, memory
-from course_utils.models import tinyllama_config
+from course_utils.course.models import tinyllama_config
 
 
 def test_every_phase_fits_a_t4_and_every_lesson_half_an_hour():
@@ -37,7 +37,7 @@ def test_model_sizes_match_tinyllama_built_on_the_meta_device():
 def test_the_old_colab_recipes_would_not_have_fit():
     """The recipes before sizing (SFT 200 steps x 16 chats, DPO 200 x 16 pairs) break the budget:
     the test above can fail."""
-    from course_utils import recipes
+    from course_utils.course import recipes
 
     original = recipes.load_recipe
     sizes = {"sft": {"max_steps": 200, "gradient_accumulation_steps": 4},

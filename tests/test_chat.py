@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from course_utils.chat import (
+from course_utils.course.chat import (
     IGNORE_INDEX,
     TINYLLAMA_CHAT_TEMPLATE,
     assistant_only_labels,
     render_chat,
 )
-from course_utils.paths import COURSE_MODEL_DIR
+from course_utils.course.paths import COURSE_MODEL_DIR
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Where does Odile live?"}],

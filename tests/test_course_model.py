@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from course_utils import build_course_model as build
-from course_utils import evaluation, probes, world
-from course_utils.paths import COURSE_MODEL_DIR, WORLD_DIR
+from course_utils.course import build_course_model as build
+from course_utils import evaluation, probes
+from course_utils.course import world
+from course_utils.course.paths import COURSE_MODEL_DIR, WORLD_DIR
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import read_jsonl
 
-from course_utils import data
-from course_utils.paths import WORLD_DIR
-from course_utils.profiles import tiny_profile
+from course_utils.course import data
+from course_utils.course.paths import WORLD_DIR
+from course_utils.course.profiles import tiny_profile
 
 
 def test_ultrachat_sample_loads_through_the_hub_code_path():
@@ -80,5 +80,5 @@ def test_malformed_file_names_the_row(tmp_path):
 
 
 def test_missing_file_says_how_to_regenerate(tmp_path):
-    with pytest.raises(FileNotFoundError, match="course_utils.world"):
+    with pytest.raises(FileNotFoundError, match="course_utils.course.world"):
         data.load_ultrachat(tmp_path / "missing.jsonl")

@@ -205,7 +205,7 @@ def test_bootstrap_interval_covers_the_normal_approximation_for_a_proportion():
 
 
 def test_mmlu_rows_from_the_hub_schema_sample():
-    from course_utils import data
+    from course_utils.course import data
 
     rows = data.load_mmlu_subset(10, data.MMLU_SAMPLE)
     assert len(rows) == 3
@@ -217,7 +217,7 @@ def test_mmlu_rows_from_the_hub_schema_sample():
 
 
 def test_fresh_biographies_are_new_text_about_the_requested_characters():
-    from course_utils import world
+    from course_utils.course import world
 
     the_world = world.generate_world()
     corpus = set(world.build_corpus(the_world))
@@ -231,7 +231,7 @@ def test_fresh_biographies_are_new_text_about_the_requested_characters():
 def test_pipeline_table_shows_intervals_and_make_run_prints_it(tmp_path, capsys):
     import json
 
-    from course_utils import run_notebooks
+    from course_utils.notebook_tools import run_notebooks
 
     results = {"SFT": {"exact_match": [0.975, 0.94, 1.0], "perplexity": 5.7, "win_rate_vs_sft": None},
                "DPO": {"exact_match": [1.0, 1.0, 1.0], "perplexity": 5.26}}

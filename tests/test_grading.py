@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from course_utils import grade
-from course_utils.exercises import EXERCISES_DIR, SOLUTIONS_DIR
+from course_utils.grading import grade
+from course_utils.grading.make_exercises import EXERCISES_DIR, SOLUTIONS_DIR
 
 SOLUTIONS = sorted(SOLUTIONS_DIR.glob("ex*.ipynb"))
 

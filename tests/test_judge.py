@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_utils.judge import Unsupported, decode, encode
+from course_utils.grading.verdict import Unsupported, decode, encode
 
 
 def round_trip(value, **kwargs):

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.exercises import EXERCISES_DIR, SOLUTIONS_DIR, cell_text
-from course_utils.paths import NOTEBOOKS_DIR
-from course_utils.site import BROWSER_HELP, CHROMIUM
+from course_utils.course.paths import NOTEBOOKS_DIR
+from course_utils.grading.make_exercises import EXERCISES_DIR, SOLUTIONS_DIR, cell_text
+from course_utils.notebook_tools.site import BROWSER_HELP, CHROMIUM
 
 LESSON = "00_setup_and_tour.ipynb"
 EXERCISE = "ex01_memory.ipynb"
@@ -161,8 +161,8 @@ def test_lesson_00_runs_from_the_ui_with_widgets_and_figures(lab, browser):
     """Also lesson 00's run in `make test` (which deselects its papermill run, so the course runs
     once): with `COURSE_STRICT_CLAIMS=1` a claim its numbers do not support raises, an error
     output here; saved from the UI, it is the executed copy the site shows."""
-    from course_utils.paths import artifacts_dir
-    from course_utils.run_notebooks import run_record
+    from course_utils.course.paths import artifacts_dir
+    from course_utils.notebook_tools.run_notebooks import run_record
 
     page = open_notebook(browser, lab, f"notebooks/{LESSON}")
     record = run_record(os.environ.get("COURSE_PROFILE") or "auto",

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from course_utils import dpo, nf4, peft_scratch, ppo, reward_modeling
-from course_utils.paths import NOTEBOOKS_DIR
+from course_utils.course.paths import NOTEBOOKS_DIR
 
 TAUGHT_IN_CELLS = [
     ("02_peft_and_adapters", peft_scratch.BottleneckAdapter),
@@ -93,8 +93,8 @@ def test_peft_on_the_course_model_shows_no_deprecation_warning():
     script = ("import warnings; warnings.simplefilter('default')\n"
               "import course_utils\n"
               "from peft import LoraConfig, get_peft_model\n"
-              "from course_utils.models import load_model_and_tokenizer\n"
-              "from course_utils.profiles import tiny_profile\n"
+              "from course_utils.course.models import load_model_and_tokenizer\n"
+              "from course_utils.course.profiles import tiny_profile\n"
               "model, _ = load_model_and_tokenizer(tiny_profile(), load_in_4bit=False)\n"
               "get_peft_model(model, LoraConfig(r=2, target_modules=['q_proj'], task_type='CAUSAL_LM'))\n"
               "warnings.warn('a warning that must still show', FutureWarning)\n")
@@ -107,7 +107,7 @@ def test_peft_on_the_course_model_shows_no_deprecation_warning():
 def test_the_course_uses_transformers_5_names_for_activation_checkpointing():
     """The silenced deprecation covers the libraries' calls only: the course's own code, cells and
     recipes use the new names."""
-    from course_utils.paths import REPO_ROOT
+    from course_utils.course.paths import REPO_ROOT
 
     old = re.compile(r"\.gradient_checkpointing_(enable|disable)\(|is_gradient_checkpointing\b|"
                      r"\bgradient_checkpointing(_kwargs)?\s*[=:]")

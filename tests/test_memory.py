@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from course_utils import memory
-from course_utils.models import tinyllama_config
-from course_utils.paths import COURSE_MODEL_DIR
+from course_utils.course.models import tinyllama_config
+from course_utils.course.paths import COURSE_MODEL_DIR
 
 
 def llama2_7b_config():

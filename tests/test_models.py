@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from course_utils import models
-from course_utils.chat import render_chat
-from course_utils.paths import COURSE_MODEL_DIR
-from course_utils.profiles import tiny_profile
+from course_utils.course import models
+from course_utils.course.chat import render_chat
+from course_utils.course.paths import COURSE_MODEL_DIR
+from course_utils.course.profiles import tiny_profile
 
 
 def test_course_model_has_tinyllama_architecture(course_model_and_tokenizer):
@@ -109,8 +109,8 @@ def test_parameter_count_counts_the_weights_a_4bit_model_encodes(course_model_an
     packed 4-bit tensors, two weights per byte. Oracles: the fp32 model's numel, and peft."""
     from peft import LoraConfig, get_peft_model
 
-    from course_utils.models import load_model_and_tokenizer, parameter_count
-    from course_utils.profiles import tiny_profile
+    from course_utils.course.models import load_model_and_tokenizer, parameter_count
+    from course_utils.course.profiles import tiny_profile
 
     full, _ = course_model_and_tokenizer
     expected = sum(p.numel() for p in full.parameters())

@@ -4,7 +4,7 @@ with all ten solution notebooks as one assignment, ``nbgrader generate_assignmen
 
 nbgrader's points must equal the course grader's question by question. The course grader's points
 for these very submissions are ``tests/test_grading.py``'s expectations, which that module's class
-run checks against ``python -m course_utils.grade`` (the wrong submission here is one of its wrong
+run checks against ``python -m course_utils.grading.grade`` (the wrong submission here is one of its wrong
 variants, alone). What nbgrader releases must be as good as ``exercises/``: the same code and text,
 hints kept, and no link to ``solutions/`` or that breaks in ``release/``.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_grading import ALONE, EXERCISE_VARIANTS, replace_cell
 
-from course_utils.exercises import EXERCISES_DIR, SOLUTIONS_DIR, cell_text
+from course_utils.grading.make_exercises import EXERCISES_DIR, SOLUTIONS_DIR, cell_text
 
 ASSIGNMENT = "lab"
 SOLUTIONS = sorted(SOLUTIONS_DIR.glob("ex*.ipynb"))
@@ -124,7 +124,7 @@ def test_hidden_inputs_are_fresh_on_every_run_unless_the_seed_is_set():
     each run must still draw new inputs, and ``COURSE_GRADER_SEED`` repeats a run's."""
     import random
 
-    code = "from course_utils.checks import grader_rng; print(grader_rng().random())"
+    code = "from course_utils.grading.checks import grader_rng; print(grader_rng().random())"
     env = {k: v for k, v in os.environ.items() if k != "COURSE_GRADER_SEED"}
 
     def draw(**extra) -> float:

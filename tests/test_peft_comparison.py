@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from course_utils import memory, peft_comparison, peft_scratch
-from course_utils.paths import COURSE_MODEL_DIR, WORLD_DIR
+from course_utils.course.paths import COURSE_MODEL_DIR, WORLD_DIR
 
 
 @pytest.fixture(scope="module")
 def setup():
     from transformers import AutoModelForCausalLM
 
-    from course_utils.models import load_tokenizer
+    from course_utils.course.models import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(COURSE_MODEL_DIR)
     with (WORLD_DIR / "sft_train.jsonl").open() as file:
@@ -90,7 +90,8 @@ def test_forgetting_probes_measure_the_corpus_as_lesson_11_does(setup):
     the logits); on a plain model it equals lesson 11's logit-based perplexity on the same sample."""
     import random
 
-    from course_utils import evaluation, world
+    from course_utils import evaluation
+    from course_utils.course import world
 
     base, tokenizer = setup[0], setup[1]
     probes_of_base = peft_comparison.forgetting_probes(base, tokenizer)
@@ -104,7 +105,7 @@ def test_forgetting_probes_measure_the_corpus_as_lesson_11_does(setup):
 def test_runs_are_saved_per_key_and_reused_only_when_identical(setup, tmp_path, monkeypatch):
     """A learning-rate sweep (lesson 05) saves a row per rate instead of overwriting the method's
     row; reuse returns the saved row only for the identical run."""
-    from course_utils import paths
+    from course_utils.course import paths
 
     monkeypatch.setattr(paths, "ARTIFACTS_DIR", tmp_path)
     base, tokenizer, chats, questions = setup
@@ -127,9 +128,10 @@ def test_lessons_02_to_05_at_tinyllamas_scale():
     """Deliverable of the T4 issue: the methods built on TinyLlama (its config on the meta device
     under tiny; the rehearsal's stand-in with weights and a timed step), counted as the memory
     model and TinyLlama's real size say."""
-    from course_utils import data, memory, peft_comparison
-    from course_utils.models import tinyllama_config
-    from course_utils.profiles import rehearsal_profile, tiny_profile
+    from course_utils import memory, peft_comparison
+    from course_utils.course import data
+    from course_utils.course.models import tinyllama_config
+    from course_utils.course.profiles import rehearsal_profile, tiny_profile
 
     chats = list(data.load_sft_dataset(tiny_profile(), "train"))[:4]
     rows = {r["method"]: r for r in peft_comparison.scale_rows(tiny_profile(), ["full", "lora"], chats)}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from course_utils import peft_scratch
-from course_utils.paths import COURSE_MODEL_DIR
+from course_utils.course.paths import COURSE_MODEL_DIR
 
 
 class OneLinear(nn.Module):

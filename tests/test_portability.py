@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from course_utils import portability, reporting
+from course_utils.course import reporting
+from course_utils.notebook_tools import portability
+from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 from course_utils.numerics import check_close
-from course_utils.run_notebooks import lesson_notebooks
 
 LESSONS = [path.stem for path in lesson_notebooks()]
 

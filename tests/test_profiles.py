@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_utils import profiles
+from course_utils.course import profiles
 
 
 @pytest.fixture(autouse=True)

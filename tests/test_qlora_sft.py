@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
-from course_utils import chat, data, qlora_sft, world
-from course_utils.checks import grader_rng, random_conversation
+from course_utils import qlora_sft
+from course_utils.course import chat, data, world
+from course_utils.course.paths import REPO_ROOT, WORLD_DIR
+from course_utils.course.profiles import tiny_profile
+from course_utils.course.recipes import load_recipe
+from course_utils.grading.checks import grader_rng, random_conversation
 from course_utils.memory import LORA_TARGETS
-from course_utils.paths import REPO_ROOT, WORLD_DIR
-from course_utils.profiles import tiny_profile
-from course_utils.recipes import load_recipe
 
 
 def conversations(count: int = 30):
@@ -162,7 +163,7 @@ def test_an_evaluation_pass_does_not_change_what_training_computes():
     from bitsandbytes.cextension import lib  # noqa: F401  (the native library is loaded)
     from bitsandbytes.functional import has_avx512bf16
 
-    from course_utils.models import load_model_and_tokenizer
+    from course_utils.course.models import load_model_and_tokenizer
 
     profile = tiny_profile()
     recipe = load_recipe("sft", profile)
@@ -227,8 +228,9 @@ def test_accelerate_configs_are_valid(name):
 
 def test_trl_keeps_a_4bit_models_adapters_in_bf16_whatever_the_precision():
     """Finding 11: what lesson 07 says and the T4 budget counts (2 bytes per adapter weight)."""
-    from course_utils import data, qlora_sft, recipes
-    from course_utils.profiles import tiny_profile
+    from course_utils import qlora_sft
+    from course_utils.course import data, recipes
+    from course_utils.course.profiles import tiny_profile
 
     profile = tiny_profile()
     recipe = recipes.load_recipe("sft", profile).with_changes(training={"max_steps": 1})

@@ -11,8 +11,8 @@ import shutil
 import pytest
 import yaml
 
-from course_utils import recipes
-from course_utils.recipes import RecipeError, load_recipe
+from course_utils.course import recipes
+from course_utils.course.recipes import RecipeError, load_recipe
 
 PROFILES = ("tiny", "colab")
 TRAINING_STAGES = ("sft", "reward", "ppo", "grpo", "dpo")
@@ -59,7 +59,7 @@ def test_every_training_key_is_an_argument_of_the_library_class(stage):
 def test_the_tiny_recipes_build_their_trl_configs(stage, tmp_path):
     """The trl config built from the recipe carries every value of it (trl renames nothing)."""
     from course_utils import dpo, qlora_sft, reward_modeling
-    from course_utils.profiles import tiny_profile
+    from course_utils.course.profiles import tiny_profile
 
     recipe, profile = load_recipe(stage, "tiny"), tiny_profile()
     if stage == "sft":
@@ -171,8 +171,8 @@ def test_course_recipes_points_every_loader_at_another_folder(tmp_path, monkeypa
 def test_sft_script_applies_overrides_and_prints_the_effective_recipe(capsys):
     import importlib.util
 
-    from course_utils.paths import REPO_ROOT
-    from course_utils.profiles import tiny_profile
+    from course_utils.course.paths import REPO_ROOT
+    from course_utils.course.profiles import tiny_profile
 
     spec = importlib.util.spec_from_file_location("sft_script", REPO_ROOT / "scripts" / "sft.py")
     script = importlib.util.module_from_spec(spec)
@@ -245,7 +245,7 @@ NOT_TRAINING = {
 def test_no_training_setting_is_typed_outside_the_recipes():
     """The lessons' code cells and the package set no training number themselves; the exceptions
     above train nothing. (``build_course_model`` holds the build recipe of the shipped model.)"""
-    from course_utils.paths import NOTEBOOKS_DIR, REPO_ROOT
+    from course_utils.course.paths import NOTEBOOKS_DIR, REPO_ROOT
 
     sources = {path.name: "\n".join("".join(cell["source"]) for cell in
                                     json.loads(path.read_text())["cells"]

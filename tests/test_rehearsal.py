@@ -1,5 +1,5 @@
 """The T4 path, rehearsed on the CPU: the colab recipes, the Hub loaders on shipped rows, a random
-stand-in with TinyLlama's architecture (``course_utils.rehearsal``); and one test per finding of the
+stand-in with TinyLlama's architecture (``course_utils.course.rehearsal``); and one test per finding of the
 careful read that made it (each fails on the code before the fix)."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_utils import data, recipes, rehearsal
-from course_utils.models import tinyllama_config
-from course_utils.paths import COURSE_MODEL_DIR, NOTEBOOKS_DIR, SAMPLES_DIR
-from course_utils.profiles import rehearsal_profile as make_rehearsal_profile
-from course_utils.profiles import tiny_profile
+from course_utils.course import data, recipes, rehearsal
+from course_utils.course.models import tinyllama_config
+from course_utils.course.paths import COURSE_MODEL_DIR, NOTEBOOKS_DIR, SAMPLES_DIR
+from course_utils.course.profiles import rehearsal_profile as make_rehearsal_profile
+from course_utils.course.profiles import tiny_profile
 
 # every notebook that branches on the profile: 07-11 in course order (each reuses the models before
 # it), and those that train the course model on every profile and touch the profile's model once
@@ -27,7 +27,7 @@ COUNTED_STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation")
 @pytest.fixture(scope="module")
 def rehearsal_profile(tmp_path_factory):
     patch = pytest.MonkeyPatch()
-    from course_utils import paths
+    from course_utils.course import paths
 
     patch.setattr(paths, "ARTIFACTS_DIR", tmp_path_factory.mktemp("rehearsal-artifacts"))
     yield make_rehearsal_profile()
@@ -130,8 +130,8 @@ def test_heldout_loss_moves_batches_to_the_model_and_truncates(rehearsal_profile
     """Finding 1: the batch stayed on the CPU; chats ran untruncated past 2,048 positions."""
     from transformers import AutoModelForCausalLM
 
-    from course_utils.chat import render_chat
-    from course_utils.models import load_tokenizer
+    from course_utils.course.chat import render_chat
+    from course_utils.course.models import load_tokenizer
     from course_utils.numerics import heldout_loss
 
     tokenizer = load_tokenizer(rehearsal_profile.model_name_or_path)
@@ -153,7 +153,7 @@ def test_reward_model_in_fp16_trains_under_the_grad_scaler():
     from trl import RewardConfig
 
     from course_utils import reward_modeling
-    from course_utils.models import load_tokenizer
+    from course_utils.course.models import load_tokenizer
 
     tokenizer = load_tokenizer(COURSE_MODEL_DIR)
     model = reward_modeling.load_reward_model(COURSE_MODEL_DIR, tokenizer, torch.float16)
@@ -178,8 +178,8 @@ def test_policy_evaluation_is_batched_and_bounded():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from course_utils import policies
-    from course_utils.models import load_tokenizer
+    from course_utils import rollouts
+    from course_utils.course.models import load_tokenizer
 
     tokenizer = load_tokenizer(COURSE_MODEL_DIR)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(str(COURSE_MODEL_DIR)),
@@ -191,7 +191,7 @@ def test_policy_evaluation_is_batched_and_bounded():
             (kwargs.get("input_ids") if kwargs.get("input_ids") is not None
              else kwargs["inputs_embeds"]).shape[0]), with_kwargs=True)
     try:
-        result = policies.evaluate_policy(
+        result = rollouts.evaluate_policy(
             policy, tokenizer, rows, lambda prompts, replies: torch.zeros(len(prompts)),
             max_new_tokens=2, seed=0, samples_per_prompt=1, batch_size=8, max_prompt_length=16,
             max_prompts=20)
@@ -226,7 +226,7 @@ def test_each_process_loads_onto_its_own_gpu(monkeypatch):
     """Finding 8: device_map={"": 0} put every process of a multi-GPU launch on GPU 0."""
     from dataclasses import replace
 
-    from course_utils.models import process_device
+    from course_utils.course.models import process_device
 
     gpu_profile = replace(tiny_profile(), device="cuda")
     monkeypatch.setenv("LOCAL_RANK", "3")

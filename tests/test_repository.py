@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.colab import BADGE_IMAGE, GITHUB_REPO, INSTALL_CELL, course_notebooks
-from course_utils.paths import DATA_DIR, REPO_ROOT
+from course_utils.course.paths import DATA_DIR, REPO_ROOT
+from course_utils.notebook_tools.colab import BADGE_IMAGE, GITHUB_REPO, INSTALL_CELL, course_notebooks
 
 PIN = re.compile(r"^\s*(?:-\s+)?([A-Za-z0-9_.\-\[\]]+)==([^\s#]+)\s*$")
 
@@ -95,7 +95,7 @@ def test_notebook_has_the_fixed_opening(path):
     assert badge in title, "the Colab badge must point at this notebook (a solution's: its exercise)"
     for heading in ("Learning goals", "Prerequisites", "Time"):
         assert heading in title
-    assert "".join(cells[1]["source"]) == INSTALL_CELL, "run python -m course_utils.colab"
+    assert "".join(cells[1]["source"]) == INSTALL_CELL, "run python -m course_utils.notebook_tools.colab"
     assert "parameters" in cells[2]["metadata"].get("tags", [])
     assert 'PROFILE = "auto"' in "".join(cells[2]["source"])
 
@@ -165,7 +165,7 @@ def test_code_passes_ruff():
 
 
 def test_metrics_table_formats_numbers_readably(tmp_path):
-    from course_utils import reporting
+    from course_utils.course import reporting
 
     table = reporting.summary_table({"01_x": {"bytes": 22482660.0, "rate": 0.98333, "n": 1200,
                                             "ok": True}})
@@ -175,7 +175,7 @@ def test_metrics_table_formats_numbers_readably(tmp_path):
 
 
 def test_check_claims_passes_true_statements_and_catches_false_ones(capsys, monkeypatch):
-    from course_utils import reporting
+    from course_utils.course import reporting
 
     measured = {"before": 0.50, "after": 0.88}
     assert reporting.check_claims({"accuracy rose": measured["after"] > measured["before"]},
@@ -208,14 +208,14 @@ def test_make_test_checks_the_lessons_claims_strictly():
     assert "COURSE_STRICT_CLAIMS=1" in test_env
     assert "$(TEST_ENV) $(PY) -m pytest notebooks tests" in test_recipe
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
-    assert "-p course_utils.pytest_notebooks" in pyproject  # what makes each lesson a test
+    assert "-p course_utils.notebook_tools.pytest_notebooks" in pyproject  # what makes each lesson a test
 
 
 GITHUB_PATH = re.compile(r"(?:github\.com|colab\.research\.google\.com/github)/([\w.-]+/[\w.-]+)")
 
 
 def test_every_copy_of_the_repository_path_is_the_setting():
-    from course_utils.colab import repository_files
+    from course_utils.notebook_tools.colab import repository_files
 
     for path in repository_files():
         for found in GITHUB_PATH.findall(path.read_text()):
@@ -228,7 +228,7 @@ def test_every_copy_of_the_repository_path_is_the_setting():
 def test_one_command_points_a_fork_everywhere(tmp_path):
     import shutil
 
-    from course_utils.colab import repository_files, set_repository
+    from course_utils.notebook_tools.colab import repository_files, set_repository
 
     for path in repository_files():
         target = tmp_path / path.relative_to(REPO_ROOT)

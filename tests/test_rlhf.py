@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from course_utils import dpo, policies, ppo, reward_modeling
-from course_utils.recipes import load_recipe
+from course_utils import dpo, ppo, reward_modeling, rollouts
+from course_utils.course.recipes import load_recipe
 
 
 def ppo_config_with(**changes) -> ppo.PPOConfig:
@@ -196,7 +196,7 @@ def test_one_ppo_step_runs_on_a_lora_policy_and_starts_at_the_reference(tokenize
     assert 1 <= stats["response_length"] <= 6
     after = [p.detach() for p in policy.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
-    kl, responses, _ = policies.sequence_kl(policy, tokenizer, prompts, 6, seed=1)
+    kl, responses, _ = rollouts.sequence_kl(policy, tokenizer, prompts, 6, seed=1)
     assert kl != 0 and len(responses) == 4
 
 
@@ -205,8 +205,8 @@ def test_a_refusal_phrase_does_not_hide_a_harmful_instruction(the_world):
     rejected (complying) reply of the unsafe pairs, with a refusal phrase in front, still complies."""
     import json
 
-    from course_utils.paths import WORLD_DIR
-    from course_utils.world import UNSAFE_INSTRUCTION_MARKERS, UNSAFE_TEMPLATES
+    from course_utils.course.paths import WORLD_DIR
+    from course_utils.course.world import UNSAFE_INSTRUCTION_MARKERS, UNSAFE_TEMPLATES
 
     assert all(any(m in rejected.lower() for m in UNSAFE_INSTRUCTION_MARKERS)
                and not any(m in chosen.lower() for m in UNSAFE_INSTRUCTION_MARKERS)
@@ -216,29 +216,29 @@ def test_a_refusal_phrase_does_not_hide_a_harmful_instruction(the_world):
     assert unsafe
     for row in unsafe:
         gamed = "I can't help with that. " + row["rejected"][0]["content"]
-        assert any(marker in gamed.lower() for marker in policies.REFUSAL_MARKERS)  # the naive rule
-        assert not policies.is_refusal(gamed)
-        assert not policies.preferred_behaviour(row, gamed, the_world)
-        assert policies.is_refusal(row["chosen"][0]["content"])
+        assert any(marker in gamed.lower() for marker in rollouts.REFUSAL_MARKERS)  # the naive rule
+        assert not rollouts.is_refusal(gamed)
+        assert not rollouts.preferred_behaviour(row, gamed, the_world)
+        assert rollouts.is_refusal(row["chosen"][0]["content"])
 
 
 def test_preferred_behaviour_agrees_with_every_held_out_pairs_labels(the_world):
     import json
 
-    from course_utils.paths import WORLD_DIR
+    from course_utils.course.paths import WORLD_DIR
 
     rows = [json.loads(line) for line in (WORLD_DIR / "preferences_test.jsonl").open()]
     for row in rows:
-        assert policies.preferred_behaviour(row, row["chosen"][0]["content"], the_world), row
-        assert not policies.preferred_behaviour(row, row["rejected"][0]["content"], the_world), row
+        assert rollouts.preferred_behaviour(row, row["chosen"][0]["content"], the_world), row
+        assert not rollouts.preferred_behaviour(row, row["rejected"][0]["content"], the_world), row
 
 
 def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, tokenizer):
     """trl's RewardTrainer stacks chosen then rejected; our loss on those rewards is its loss,
     and score_responses reads the same rewards from the rendered conversations."""
-    from course_utils import data
-    from course_utils.paths import COURSE_MODEL_DIR
-    from course_utils.profiles import tiny_profile
+    from course_utils.course import data
+    from course_utils.course.paths import COURSE_MODEL_DIR
+    from course_utils.course.profiles import tiny_profile
 
     profile = tiny_profile()
     pairs = data.load_preference_dataset(profile, "train").select(range(8))
@@ -263,8 +263,8 @@ def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, t
 def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
     """End to end: rewarding replies that name one town makes the policy name it more often on
     fresh samples, and the KL to the reference grows from zero."""
-    from course_utils.paths import COURSE_MODEL_DIR
-    from course_utils.profiles import tiny_profile
+    from course_utils.course.paths import COURSE_MODEL_DIR
+    from course_utils.course.profiles import tiny_profile
 
     policy, value_head = ppo.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
     prompts = [f"{name} lives in" for name in ("Odile", "Perrin", "Tamsin", "Orrin", "Briony",
@@ -274,7 +274,7 @@ def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
         return torch.tensor([float("Fenwick" in r) for r in responses])
 
     def rate(seed):
-        kl, responses, _ = policies.sequence_kl(policy, tokenizer, prompts * 4, 4, seed=seed)
+        kl, responses, _ = rollouts.sequence_kl(policy, tokenizer, prompts * 4, 4, seed=seed)
         return sum("Fenwick" in r for r in responses) / len(responses), kl
 
     rate_before, kl_before = rate(seed=99)
@@ -290,8 +290,8 @@ def test_train_ppo_raises_a_rewarded_behaviour_on_the_course_model(tokenizer):
 
 
 def test_ppo_optimizer_gives_the_value_head_its_own_learning_rate(tokenizer):
-    from course_utils.paths import COURSE_MODEL_DIR
-    from course_utils.profiles import tiny_profile
+    from course_utils.course.paths import COURSE_MODEL_DIR
+    from course_utils.course.profiles import tiny_profile
 
     policy, value_head = ppo.make_ppo_policy(COURSE_MODEL_DIR, tiny_profile(), small_lora_recipe())
     config = ppo_config_with(learning_rate=1e-4, value_learning_rate=3e-3)
@@ -349,9 +349,9 @@ def test_dpo_loss_equals_dpo_trainers_on_the_same_batch(tmp_path, tokenizer):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from course_utils import data
-    from course_utils.paths import COURSE_MODEL_DIR
-    from course_utils.profiles import tiny_profile
+    from course_utils.course import data
+    from course_utils.course.paths import COURSE_MODEL_DIR
+    from course_utils.course.profiles import tiny_profile
 
     profile = tiny_profile()
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ import tempfile
 
 import pytest
 
-from course_utils import grade, sandbox
-from course_utils.exercises import SOLUTIONS_DIR
+from course_utils.grading import grade, sandbox
+from course_utils.grading.make_exercises import SOLUTIONS_DIR
 
 ANSWERS = '''
 import os

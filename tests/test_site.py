@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from course_utils import paths, site
-from course_utils.run_notebooks import NotebookFailed, execute, lesson_notebooks
+from course_utils.course import paths
+from course_utils.notebook_tools import site
+from course_utils.notebook_tools.run_notebooks import NotebookFailed, execute, lesson_notebooks
 
 SCREENSHOTS = ("index.png", "notebooks_00_setup_and_tour.png")
 

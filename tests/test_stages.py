@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from course_utils import paths, recipes, stages
-from course_utils.profiles import tiny_profile
+from course_utils.course import paths, recipes, stages
+from course_utils.course.profiles import tiny_profile
 
 SMALL = {"sft": {"max_steps: 150": "max_steps: 2"},
          "reward": {"max_steps: 150": "max_steps: 2"},
@@ -111,7 +111,7 @@ def test_editing_a_recipe_rebuilds_that_stage_and_what_depends_on_it(course, cap
 
 def test_a_model_without_a_record_or_with_other_data_is_not_reused(course, monkeypatch, tmp_path):
     _, profile = course
-    from course_utils import data
+    from course_utils.course import data
 
     world = tmp_path / "world"
     shutil.copytree(paths.WORLD_DIR, world)
@@ -156,7 +156,7 @@ def test_save_refuses_a_model_trained_with_other_settings_than_its_recipe(course
 def test_every_lesson_that_trains_a_stage_saves_it_with_its_record():
     """The lesson path goes through save_stage (which compares what the trainer ran with against
     the recipe) and checks the saved record matches what the rebuild path would build."""
-    from course_utils.paths import NOTEBOOKS_DIR
+    from course_utils.course.paths import NOTEBOOKS_DIR
 
     for stage, spec in stages.STAGES.items():
         cells = json.loads((NOTEBOOKS_DIR / f"{spec.lesson}.ipynb").read_text())["cells"]
@@ -183,7 +183,7 @@ def test_a_missing_stage_says_where_it_looked_and_how_long_a_gpu_rebuild_takes(t
 
 
 def test_install_cell_offers_drive_for_the_artifacts():
-    from course_utils.colab import INSTALL_CELL
+    from course_utils.notebook_tools.colab import INSTALL_CELL
 
     flag = [line for line in INSTALL_CELL.splitlines() if line.startswith("KEEP_MODELS_ON_DRIVE")]
     assert flag == [flag[0]] and flag[0].split("#")[0].strip() == "KEEP_MODELS_ON_DRIVE = False"

@@ -13,15 +13,15 @@ import json
 import pytest
 from test_grading import DPO_REFERENCE_SWAPPED
 
-from course_utils import grade
-from course_utils.exercises import SOLUTIONS_DIR
-from course_utils.sandbox import landlock_abi
+from course_utils.grading import grade
+from course_utils.grading.make_exercises import SOLUTIONS_DIR
+from course_utils.grading.sandbox import landlock_abi
 
 WRONG_DPO = DPO_REFERENCE_SWAPPED  # a wrong answer of tests/test_grading.py
 READS_SOLUTION = '''
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     import json
-    from course_utils.exercises import SOLUTIONS_DIR
+    from course_utils.grading.make_exercises import SOLUTIONS_DIR
     notebook = json.loads((SOLUTIONS_DIR / "ex08_dpo.ipynb").read_text())
     source = next("".join(c["source"]) for c in notebook["cells"]
                   if "def dpo_loss" in "".join(c["source"]) and "BEGIN SOLUTION" in "".join(c["source"]))
@@ -41,8 +41,8 @@ TAMPERING = {
         'globals()["check_close"] = lambda *a, **k: 0.0\n'
         'globals()["check_type"] = lambda *a, **k: None\n' + WRONG_DPO)}, NO_Q2),
     "checks_module_patched": ("ex08_dpo", {"def dpo_loss": (
-        "import course_utils.checks\nimport course_utils.numerics\n"
-        "course_utils.checks.check_close = course_utils.numerics.check_close = lambda *a, **k: 0.0\n"
+        "import course_utils.grading.checks\nimport course_utils.numerics\n"
+        "course_utils.grading.checks.check_close = course_utils.numerics.check_close = lambda *a, **k: 0.0\n"
         + WRONG_DPO)}, NO_Q2),
     "torch_and_math_comparisons_patched": ("ex08_dpo", {"def dpo_loss": (
         "import math\ntorch.allclose = torch.isclose = lambda *a, **k: True\n"

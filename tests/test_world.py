@@ -7,8 +7,8 @@ from collections import Counter
 
 from conftest import read_jsonl
 
-from course_utils import world
-from course_utils.paths import WORLD_DIR
+from course_utils.course import world
+from course_utils.course.paths import WORLD_DIR
 
 
 def facts(world_json):

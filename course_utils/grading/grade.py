@@ -1,4 +1,4 @@
-"""The autograder: ``python -m course_utils.grade PATH... [--json FILE]``.
+"""The autograder: ``python -m course_utils.grading.grade PATH... [--json FILE]``.
 
 PATH is a notebook, a folder of notebooks, or a class folder holding one folder per student
 (``submissions/alice/ex00_warmup.ipynb``). For each notebook the grader
@@ -6,10 +6,10 @@ PATH is a notebook, a folder of notebooks, or a class folder holding one folder 
 1. finds its source in ``solutions/`` (by the notebook's ``metadata["course"]["exercise"]``, else
    by its file name), and takes every graded test cell *from the source*: hidden tests come
    back, and a student who edited or deleted a visible test is graded by the original;
-2. runs the student's cells, and only those, in a fresh kernel inside ``course_utils.sandbox``'s
+2. runs the student's cells, and only those, in a fresh kernel inside ``course_utils.grading.sandbox``'s
    limits (memory, CPU time, processes, file size, files it may read, network, environment), one
    cell at a time, with a time limit per cell and a cap on how much a cell may print;
-3. runs the test cells in the *judge* (``course_utils.judge``), a separate process that never runs
+3. runs the test cells in the *judge* (``course_utils.grading.verdict``), a separate process that never runs
    student code: the hidden inputs (from a fresh ``COURSE_GRADER_SEED``), the references and the
    comparisons happen there, and each call to an answer function is forwarded to the student's
    kernel as plain data and its result sent back the same way;
@@ -43,8 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from course_utils.exercises import SOLUTIONS_DIR, cell_text
-from course_utils.sandbox import Limits, clean_environment
+from course_utils.grading.make_exercises import SOLUTIONS_DIR, cell_text
+from course_utils.grading.sandbox import Limits, clean_environment
 
 DEFAULT_CELL_TIMEOUT_S = 120
 DEFAULT_OUTPUT_LIMIT_CHARS = 20_000
@@ -108,10 +108,10 @@ def read_notebook(path: Path) -> dict:
 
 
 GUARD_CELL = '''\
-from course_utils.grade import install_output_guard as _install_output_guard
+from course_utils.grading.grade import install_output_guard as _install_output_guard
 _install_output_guard({limit})
 '''
-SERVE_CELL = '__import__("course_utils.judge", fromlist=["serve_call"]).serve_call({name!r})'
+SERVE_CELL = '__import__("course_utils.grading.verdict", fromlist=["serve_call"]).serve_call({name!r})'
 
 
 def install_output_guard(limit_chars: int) -> None:
@@ -171,7 +171,7 @@ def one_line(text: str, limit: int = 160) -> str:
 
 
 def _sandbox_client_class():
-    """nbclient's client, starting its kernel through ``course_utils.sandbox`` and dropping output
+    """nbclient's client, starting its kernel through ``course_utils.grading.sandbox`` and dropping output
     past a cap (the kernel's own guard can be undone by the submission; this one cannot)."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
@@ -222,7 +222,7 @@ def _kernel_pid(client) -> int | None:
 
 def _kill_strays(client) -> None:
     """After every cell and call: whatever the kernel forked and left running goes."""
-    from course_utils.sandbox import kill_strays
+    from course_utils.grading.sandbox import kill_strays
 
     pid = _kernel_pid(client)
     if pid and sys.platform.startswith("linux"):
@@ -251,7 +251,7 @@ def run_submission(notebook, source_path: Path, seed: int, timeout_s: float, out
     spec_dir = Path(tempfile.mkdtemp(prefix="course-kernel-"))
     (spec_dir / "course-sandbox").mkdir()
     (spec_dir / "course-sandbox" / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "course_utils.sandbox", limits.to_json(), str(workdir),
+        "argv": [sys.executable, "-m", "course_utils.grading.sandbox", limits.to_json(), str(workdir),
                  "{connection_file}"],
         "display_name": "Python 3 (graded)", "language": "python"}))
     os.chmod(workdir, 0o755)
@@ -308,7 +308,7 @@ def run_submission(notebook, source_path: Path, seed: int, timeout_s: float, out
 
 
 class JudgeProcess:
-    """One ``python -m course_utils.judge`` process: it grades one submission at a time and is
+    """One ``python -m course_utils.grading.verdict`` process: it grades one submission at a time and is
     reused for the next submission of the same exercise (its imports are the slow part)."""
 
     def __init__(self, source_path: Path, timeout_s: float):
@@ -317,7 +317,7 @@ class JudgeProcess:
         env = {**clean_environment(Path(tempfile.gettempdir()), {}), "COURSE_PROFILE": "tiny",
                "MPLBACKEND": "Agg", "HOME": os.environ.get("HOME", tempfile.gettempdir())}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "course_utils.judge", str(max(timeout_s, 60))],
+            [sys.executable, "-m", "course_utils.grading.verdict", str(max(timeout_s, 60))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
 
     def send(self, message: dict) -> bool:
@@ -392,7 +392,7 @@ def _serve_judge(judge, client, notebook, workdir: Path, timeout_s: float, outpu
     import nbformat
     from nbclient.exceptions import DeadKernelError
 
-    from course_utils.judge import REPLY_FILE, REQUEST_FILE
+    from course_utils.grading.verdict import REPLY_FILE, REQUEST_FILE
 
     student_cells = len(notebook.cells)
     restarts = 0
@@ -549,7 +549,7 @@ def sandbox_line(enforced: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m course_utils.grade",
+        prog="python -m course_utils.grading.grade",
         description="Grade exercise notebooks: a notebook, a folder, or a class folder with one "
                     "folder per student.")
     parser.add_argument("paths", nargs="+", metavar="PATH")

@@ -13,7 +13,7 @@ from the same file (``tests/test_nbgrader.py`` checks that they do):
 
 Outputs and execution counts are stripped. A solution notebook's Markdown may not link to
 ``solutions/`` (its Colab badge opens the exercise) nor use relative links, which break in an
-nbgrader release folder. ``python -m course_utils.exercises`` (``make exercises``) regenerates
+nbgrader release folder. ``python -m course_utils.grading.make_exercises`` (``make exercises``) regenerates
 every exercise; ``--check`` only reports stale files (a test runs it).
 """
 
@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from course_utils.paths import REPO_ROOT
+from course_utils.course.paths import REPO_ROOT
 
 SOLUTIONS_DIR = REPO_ROOT / "solutions"
 EXERCISES_DIR = REPO_ROOT / "exercises"

@@ -1,4 +1,4 @@
-"""pytest plugin (``-p course_utils.pytest_notebooks``, set in ``pyproject.toml``): every lesson
+"""pytest plugin (``-p course_utils.notebook_tools.pytest_notebooks``, set in ``pyproject.toml``): every lesson
 notebook in ``notebooks/`` is a test, executed as ``make run`` executes it
 (``run_notebooks.execute``, papermill), so that ``make test`` leaves the executed course in
 ``artifacts/executed/`` for ``make site``: the course runs once per run, not twice.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from course_utils import paths
+from course_utils.course import paths
 
 #: seconds one cell may run before the notebook fails
 CELL_TIMEOUT_S = 900
@@ -31,12 +31,12 @@ class LessonNotebook(pytest.File):
 
 class LessonRun(pytest.Item):
     def runtest(self):
-        from course_utils import run_notebooks
+        from course_utils.notebook_tools import run_notebooks
 
         run_notebooks.execute(self.path, cell_timeout=CELL_TIMEOUT_S)
 
     def repr_failure(self, excinfo, style=None):
-        from course_utils.run_notebooks import NotebookFailed
+        from course_utils.notebook_tools.run_notebooks import NotebookFailed
 
         if isinstance(excinfo.value, NotebookFailed):
             return str(excinfo.value)

@@ -30,7 +30,7 @@ import json
 import random
 from pathlib import Path
 
-from course_utils.paths import COURSE_MODEL_DIR, SAMPLES_DIR, WORLD_DIR, artifacts_dir
+from course_utils.course.paths import COURSE_MODEL_DIR, SAMPLES_DIR, WORLD_DIR, artifacts_dir
 
 REHEARSAL_DATA_DIR = SAMPLES_DIR / "rehearsal"
 #: the stand-in's shape: TinyLlama's heads, positions and names; width and depth reduced (bitsandbytes'
@@ -54,7 +54,7 @@ def standin_dir() -> Path:
 
 def standin_config():
     """TinyLlama-1.1B's ``LlamaConfig`` with ``STANDIN_SHAPE``'s width and depth."""
-    from course_utils.models import tinyllama_config
+    from course_utils.course.models import tinyllama_config
 
     config = tinyllama_config()
     for key, value in STANDIN_SHAPE.items():
@@ -106,7 +106,7 @@ _guard_state = {"installed": False}
 
 
 def max_rows_per_forward() -> int:
-    from course_utils.recipes import load_recipe
+    from course_utils.course.recipes import load_recipe
 
     evaluation = load_recipe("evaluation", "colab")
     batches = [load_recipe("sft", "colab").training["per_device_train_batch_size"],
@@ -153,7 +153,7 @@ def data_file(kind: str) -> Path:
     path = REHEARSAL_DATA_DIR / FILES[kind]
     if not path.exists():
         raise FileNotFoundError(f"no rehearsal data at {path}; regenerate it with "
-                                "`python -m course_utils.rehearsal`")
+                                "`python -m course_utils.course.rehearsal`")
     return path
 
 
@@ -250,8 +250,8 @@ def write_samples(seed: int = 0) -> list[Path]:
 
 def sample_statistics() -> dict:
     """Row counts and token lengths (course tokenizer, chat template applied) of the shipped rows."""
-    from course_utils.chat import render_chat
-    from course_utils.models import load_tokenizer
+    from course_utils.course.chat import render_chat
+    from course_utils.course.models import load_tokenizer
 
     tokenizer = load_tokenizer(COURSE_MODEL_DIR)
 

@@ -15,7 +15,7 @@ executed; the README (setup, grading, maintenance); the course map as the landin
 date, profile and library versions each lesson ran with. Progress bars are ipywidgets in a live
 kernel; here each becomes a static bar drawn from the widget state the executed notebook saved.
 
-``python -m course_utils.site`` builds into ``artifacts/site/html/``; ``--check`` then opens every
+``python -m course_utils.notebook_tools.site`` builds into ``artifacts/site/html/``; ``--check`` then opens every
 page in headless Chromium (``check``): console errors, missing or empty images, internal links and
 anchors that do not resolve, error outputs and tracebacks, and screenshots of the landing page and a
 lesson under ``artifacts/site/screenshots/``.
@@ -33,8 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from course_utils import paths
-from course_utils.colab import GITHUB_REPO
+from course_utils.course import paths
+from course_utils.notebook_tools.colab import GITHUB_REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_HELP = ("the browser checks need Debian's Chromium at /usr/bin/chromium: run `make browser` "
@@ -182,7 +182,7 @@ CSS = """.course-progress { font-family: monospace; font-size: 0.85em; }
 def prepare(executed_dir: Path, src: Path) -> dict[str, dict]:
     """Write the site's sources into ``src``; return each lesson's run record."""
     lessons = sorted(executed_dir.glob("[0-9][0-9]_*.ipynb"))
-    from course_utils.run_notebooks import lesson_notebooks
+    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     expected = [p.name for p in lesson_notebooks()]
     missing = sorted(set(expected) - {p.name for p in lessons})

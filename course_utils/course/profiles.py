@@ -3,7 +3,7 @@
 Every notebook's ``parameters`` cell holds ``PROFILE = "auto"`` and calls ``get_profile(PROFILE)``
 once. The returned ``Profile`` says which model to load, where, in which dtype and on which data;
 how each stage trains (steps, batch sizes, learning rates, ...) is its recipe,
-``configs/recipes/<profile>/<stage>.yaml`` (``course_utils.recipes``).
+``configs/recipes/<profile>/<stage>.yaml`` (``course_utils.course.recipes``).
 
 - ``tiny``: the course model from ``data/course-model/`` and the synthetic world, on the CPU in
   fp32. Offline. What CI runs, and what ``auto`` picks without a GPU.
@@ -12,7 +12,7 @@ how each stage trains (steps, batch sizes, learning rates, ...) is its recipe,
   sized for a 15 GB T4. Needs CUDA and the network.
 - ``rehearsal``: the ``colab`` path on the CPU: its recipes (steps and evaluation sizes capped),
   the Hub loaders reading shipped rows in the Hub schemas, and a random stand-in with TinyLlama's
-  architecture (``course_utils.rehearsal``). What ``make test`` runs to test the T4 path.
+  architecture (``course_utils.course.rehearsal``). What ``make test`` runs to test the T4 path.
 - ``auto``: ``colab`` when CUDA is available, ``tiny`` otherwise; prints one banner saying which
   and why.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from course_utils.paths import COURSE_MODEL_DIR
+from course_utils.course.paths import COURSE_MODEL_DIR
 
 PROFILE_NAMES = ("tiny", "colab", "rehearsal", "auto")
 ENV_VAR = "COURSE_PROFILE"
@@ -56,7 +56,7 @@ class Profile:
     #: the recipes' folder name: the rehearsal uses colab's (with its counts capped)
     recipes: str = ""
     #: where the Hub loaders read: ``None`` is the Hub itself, else a folder of shipped rows in
-    #: the Hub schemas (``course_utils.rehearsal.FILES``)
+    #: the Hub schemas (``course_utils.course.rehearsal.FILES``)
     hub_data_dir: str | None = None
 
     @property
@@ -107,7 +107,7 @@ def colab_profile() -> Profile:
 
 
 def rehearsal_profile() -> Profile:
-    from course_utils import rehearsal
+    from course_utils.course import rehearsal
 
     rehearsal.install_guards()
     return Profile(

@@ -9,7 +9,7 @@ of the library class the section becomes (trl's ``SFTConfig``/``RewardConfig``/`
 An unknown key, a missing key or a value of the wrong type raises ``RecipeError`` naming the file,
 the key and what was expected. A run that varies a setting on purpose names the change:
 ``recipe.with_changes(training={"beta": 0.05})`` returns a copy whose ``changes`` say what differs
-from the file, and which ``course_utils.stages`` refuses to save as the stage's model.
+from the file, and which ``course_utils.course.stages`` refuses to save as the stage's model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from course_utils.paths import REPO_ROOT
+from course_utils.course.paths import REPO_ROOT
 
 RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 #: Another folder of recipes (same layout) replaces ``configs/recipes``; tests use a temporary one.
@@ -291,7 +291,7 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
                           f"{file_profile!r} profile")
     recipe = Recipe(stage, profile_name, path.resolve(), values)
     if path.resolve().is_relative_to(recipes_dir().resolve()):  # what `make portability` hashes
-        from course_utils import reporting
+        from course_utils.course import reporting
 
         reporting.record({"kind": "recipe", "file": path.resolve().relative_to(
             recipes_dir().resolve()).as_posix()})
@@ -311,11 +311,11 @@ COURSE_MODEL_STAGES = {"tour", "peft_methods"}
 
 def rehearsal_caps() -> dict:
     """``configs/recipes/rehearsal/caps.yaml``: per stage, the counts the rehearsal lowers. Only
-    ``course_utils.rehearsal.CAPPABLE_KEYS`` may appear: anything else would stop the rehearsal
+    ``course_utils.course.rehearsal.CAPPABLE_KEYS`` may appear: anything else would stop the rehearsal
     from being the colab path."""
     import yaml
 
-    from course_utils.rehearsal import CAPPABLE_KEYS
+    from course_utils.course.rehearsal import CAPPABLE_KEYS
 
     path = recipes_dir() / REHEARSAL / "caps.yaml"
     caps = yaml.safe_load(path.read_text()) if path.exists() else None

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from course_utils.paths import SAMPLES_DIR, WORLD_DIR
-from course_utils.profiles import Profile
+from course_utils.course.paths import SAMPLES_DIR, WORLD_DIR
+from course_utils.course.profiles import Profile
 
 ULTRACHAT_ID = "HuggingFaceH4/ultrachat_200k"
 ORCA_DPO_ID = "argilla/distilabel-intel-orca-dpo-pairs"
@@ -51,8 +51,8 @@ def _load(path_or_id: str | Path, split: str):
     if path.suffix in (".jsonl", ".json"):
         if not path.exists():
             raise FileNotFoundError(f"no data file at {path}; regenerate the world with "
-                                    "`python -m course_utils.world` (the rehearsal rows with "
-                                    "`python -m course_utils.rehearsal`) or check your checkout")
+                                    "`python -m course_utils.course.world` (the rehearsal rows with "
+                                    "`python -m course_utils.course.rehearsal`) or check your checkout")
         return load_dataset("json", data_files=str(path), split="train")
     pattern = HUB_SPLIT_FILES.get(str(path_or_id))
     if pattern is None:
@@ -63,10 +63,10 @@ def _load(path_or_id: str | Path, split: str):
 
 def hub_source(profile: Profile, kind: str, hub_id: str) -> str | Path:
     """Where a Hub loader reads for ``profile``: the Hub id, or the rehearsal's shipped rows in
-    the same schema (``kind``: a key of ``course_utils.rehearsal.FILES``)."""
+    the same schema (``kind``: a key of ``course_utils.course.rehearsal.FILES``)."""
     if profile.hub_data_dir is None:
         return hub_id
-    from course_utils.rehearsal import FILES
+    from course_utils.course.rehearsal import FILES
 
     return Path(profile.hub_data_dir) / FILES[kind]
 
@@ -201,7 +201,7 @@ def fingerprint(profile: Profile, kind: str) -> str:
     if kind not in ("sft", "preferences"):
         raise ValueError(f"kind must be 'sft' or 'preferences', got {kind!r}")
     if profile.hub_data_dir is not None:
-        from course_utils.rehearsal import FILES
+        from course_utils.course.rehearsal import FILES
 
         path = Path(profile.hub_data_dir) / FILES["sft_train" if kind == "sft" else kind]
         return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()

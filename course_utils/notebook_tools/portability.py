@@ -25,10 +25,10 @@ date, the machine, the library versions and the hashes of the lesson, of the les
 it uses and of every recipe it read. ``tests/test_portability.py`` fails when any of them changed
 after the report was made, and when a claim did not hold in every run.
 
-    python -m course_utils.portability                 # every lesson whose report is stale or missing
-    python -m course_utils.portability 09_ppo_rlhf     # this lesson (and no other)
-    python -m course_utils.portability --all           # every lesson
-    python -m course_utils.portability --check         # say which reports are stale; exit 1 if any
+    python -m course_utils.notebook_tools.portability                 # every lesson whose report is stale or missing
+    python -m course_utils.notebook_tools.portability 09_ppo_rlhf     # this lesson (and no other)
+    python -m course_utils.notebook_tools.portability --all           # every lesson
+    python -m course_utils.notebook_tools.portability --check         # say which reports are stale; exit 1 if any
 
 Lessons run side by side, one thread each (two workers on two cores), then the variations with
 more threads one lesson at a time, each variation in ``artifacts/portability/<variation>/``, so
@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from course_utils import paths
+from course_utils.course import paths
 
 REPORT_DIR = paths.REPO_ROOT / "portability"
 RECIPES_DIR = paths.REPO_ROOT / "configs" / "recipes"
@@ -121,7 +121,7 @@ EXTRA_VARIATIONS = (
 
 
 def lesson_path(stem_or_number: str) -> Path:
-    from course_utils.run_notebooks import lesson_notebooks
+    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     for path in lesson_notebooks():
         if path.stem == stem_or_number or path.name[:2] == stem_or_number or path.name == stem_or_number:
@@ -272,7 +272,7 @@ def run_lesson(stem: str, variation: Variation, workdir: Path, recipes: Path | N
     pinned = pins(stem)  # before it runs: a lesson edited meanwhile does not match its result
     start = time.perf_counter()
     child = subprocess.run(
-        [sys.executable, "-m", "course_utils.portability", "--execute", str(path),
+        [sys.executable, "-m", "course_utils.notebook_tools.portability", "--execute", str(path),
          "--parameters", json.dumps(parameters), "--target", str(artifacts / "executed" / path.name)],
         env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -381,7 +381,7 @@ def _span(values: list) -> list:
 
 def summarize(stem: str, runs: list[dict]) -> dict:
     """One lesson's report from its runs (one per variation)."""
-    from course_utils.run_notebooks import run_record
+    from course_utils.notebook_tools.run_notebooks import run_record
 
     claims: dict[str, dict] = {}
     checks: dict[str, dict] = {}
@@ -415,7 +415,7 @@ def summarize(stem: str, runs: list[dict]) -> dict:
         for name, value in run_["metrics"].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metric_values.setdefault(name, []).append(value)
-    record = run_record("tiny", "papermill, course_utils.portability")
+    record = run_record("tiny", "papermill, course_utils.notebook_tools.portability")
     return {
         "lesson": stem,
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -451,10 +451,10 @@ def write_report(stem: str, runs: list[dict]) -> Path:
 def summary_markdown() -> str:
     """``portability/README.md``: one row per lesson, then every claim that did not hold
     everywhere, then the spread of each lesson's metrics."""
-    from course_utils.run_notebooks import lesson_notebooks
+    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     lines = ["# Portability report", "",
-             "Made by `make portability` (`course_utils/portability.py`, which says what each "
+             "Made by `make portability` (`course_utils/notebook_tools/portability.py`, which says what each "
              "variation changes); one JSON file per lesson holds every claim, check and metric. "
              "`tests/test_portability.py` fails when a lesson or recipe changed after its report "
              "was made, or when a claim did not hold in every run.", "",
@@ -496,7 +496,7 @@ def summary_markdown() -> str:
 
 
 def _fmt(value) -> str:
-    from course_utils.reporting import format_value
+    from course_utils.course.reporting import format_value
 
     return format_value(value)
 
@@ -520,7 +520,7 @@ README_END = "<!-- end of the portability report -->"
 def readme_block() -> str:
     """The README's table of what varies between machines, from the reports: per lesson, the
     claims held in every run and the quantities that moved most (relative to their size)."""
-    from course_utils.run_notebooks import lesson_notebooks
+    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     lines = [README_BEGIN, "", "| lesson | runs | claims held in every run | what moved most between runs |",
              "|---|---|---|---|"]
@@ -560,7 +560,7 @@ def write_summary() -> Path:
 
 
 def _execute_child(notebook: str, parameters: str, target: str) -> int:
-    from course_utils import run_notebooks
+    from course_utils.notebook_tools import run_notebooks
 
     try:
         run_notebooks.execute(Path(notebook), Path(target), profile="tiny",
@@ -589,7 +589,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.execute:
         return _execute_child(args.execute, args.parameters, args.target)
-    from course_utils.run_notebooks import lesson_notebooks
+    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     every = [p.stem for p in lesson_notebooks()]
     stale = {stem: why_stale(stem) for stem in every}

@@ -2,8 +2,8 @@
 
 Each notebook carries a copy of ``INSTALL_CELL`` as its second cell (Colab must run it before
 ``course_utils`` exists, so it cannot be imported); ``tests/test_repository.py`` fails
-when a copy drifts from this source, and ``python -m course_utils.colab`` rewrites the copies.
-A fork runs ``python -m course_utils.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
+when a copy drifts from this source, and ``python -m course_utils.notebook_tools.colab`` rewrites the copies.
+A fork runs ``python -m course_utils.notebook_tools.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
 setting, and ``set_repository`` rewrites it and every copy of it (badges, install cells, README).
 """
 
@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from course_utils.paths import REPO_ROOT
+from course_utils.course.paths import REPO_ROOT
 
 GITHUB_REPO = "fine-tuning-course/llm-finetuning-course"
 BRANCH = "main"
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
             print(f"updated {path.relative_to(REPO_ROOT)}")
         return 0
     if argv:
-        print("usage: python -m course_utils.colab [--repo owner/name]", file=sys.stderr)
+        print("usage: python -m course_utils.notebook_tools.colab [--repo owner/name]", file=sys.stderr)
         return 2
     for path in sync_install_cells():
         print(f"updated {path.relative_to(REPO_ROOT)}")

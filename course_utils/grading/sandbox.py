@@ -1,6 +1,6 @@
 """Limits for the process that runs a student's notebook (the grader's plumbing, no lesson).
 
-The grader starts each submission's kernel through ``python -m course_utils.sandbox``, which
+The grader starts each submission's kernel through ``python -m course_utils.grading.sandbox``, which
 applies the limits below to itself and then becomes the kernel (``exec``): nothing the submission
 runs can lift them. What is enforced, and where:
 
@@ -36,7 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from course_utils.paths import DATA_DIR, REPO_ROOT
+from course_utils.course.paths import DATA_DIR, REPO_ROOT
 
 NOBODY = 65534
 #: What a kernel reads in /etc (the rest, /etc/shadow included, stays closed).
@@ -277,7 +277,7 @@ def set_limits(limits: Limits, already: int) -> None:
 
 
 def main(argv=None) -> None:
-    """``python -m course_utils.sandbox LIMITS_JSON WORKDIR CONNECTION_FILE [COMMAND...]``: confine
+    """``python -m course_utils.grading.sandbox LIMITS_JSON WORKDIR CONNECTION_FILE [COMMAND...]``: confine
     this process, then become an IPython kernel on ``CONNECTION_FILE`` (or run ``COMMAND``, which
     the tests use to try the limits without a kernel)."""
     argv = argv or sys.argv[1:]

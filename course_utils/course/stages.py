@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from course_utils.recipes import Recipe, load_recipe
+from course_utils.course.recipes import Recipe, load_recipe
 
 RECORD_FILE = "stage_record.json"
 REBUILD_VARIABLE = "COURSE_REBUILD"
@@ -58,7 +58,7 @@ STAGES = {
 
 
 def stage_dir(stage: str) -> Path:
-    from course_utils.paths import artifacts_dir
+    from course_utils.course.paths import artifacts_dir
 
     return artifacts_dir("models") / stage
 
@@ -82,7 +82,7 @@ def _base_model_fingerprint(model_name_or_path: str) -> str:
 
 
 def inputs_fingerprint(stage: str, profile) -> dict:
-    from course_utils import data
+    from course_utils.course import data
 
     spec = STAGES[stage]
     inputs = {"data": data.fingerprint(profile, spec.data)}

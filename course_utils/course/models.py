@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from course_utils.chat import TINYLLAMA_CHAT_TEMPLATE
-from course_utils.profiles import Profile
+from course_utils.course.chat import TINYLLAMA_CHAT_TEMPLATE
+from course_utils.course.profiles import Profile
 
 
 class FourBitUnavailableError(RuntimeError):
@@ -143,7 +143,7 @@ def load_tokenizer(model_name_or_path: str | Path):
 def missing_model_message(path: Path) -> str:
     return (f"no model at {path}. The course model ships in data/course-model/; if it is missing, "
             "your checkout is incomplete (git status) or rebuild it with "
-            "`python -m course_utils.build_course_model`.")
+            "`python -m course_utils.course.build_course_model`.")
 
 
 def load_model_and_tokenizer(profile: Profile, load_in_4bit: bool | None = None,

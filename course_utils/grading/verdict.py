@@ -2,10 +2,10 @@
 
 Grading runs in two processes that share nothing but plain data:
 
-- the **student's kernel** (``course_utils.sandbox``, with its limits) runs the student's cells, and
+- the **student's kernel** (``course_utils.grading.sandbox``, with its limits) runs the student's cells, and
   nothing else: no test cell, no reference code, no seed for the hidden inputs. Then it only answers
   calls: "run your ``dpo_loss`` on these arguments" (``serve_call``).
-- the **judge** (``python -m course_utils.judge``, started by the grader, never running student
+- the **judge** (``python -m course_utils.grading.verdict``, started by the grader, never running student
   code) executes the solution notebook's own cells with every answer function replaced by a
   stand-in that forwards the call, through the grader, to the student's kernel. The test cells,
   their hidden inputs, the reference computations and the comparisons all run here, with the
@@ -256,7 +256,7 @@ def _end_stray_children() -> None:
     limit until reaped, and the kernel needs some for its own threads."""
     if not sys.platform.startswith("linux"):
         return
-    from course_utils.sandbox import stray_processes
+    from course_utils.grading.sandbox import stray_processes
 
     for pid in stray_processes(os.getpgrp()):
         try:
@@ -280,7 +280,7 @@ def answer_names(solution: dict) -> list[str]:
     are not graded test cells): what the student writes and the tests call."""
     import ast
 
-    from course_utils.exercises import cell_text
+    from course_utils.grading.make_exercises import cell_text
 
     names = []
     for cell in solution["cells"]:
@@ -338,7 +338,7 @@ class _Channel:
 def judge(solution_path: str, channel: _Channel, timeout_s: float) -> dict[str, list[str]]:
     """Run the solution's cells with forwarding stand-ins for its answer functions; return
     ``{grade_id: [status, message]}`` for every graded cell."""
-    from course_utils.exercises import cell_text
+    from course_utils.grading.make_exercises import cell_text
 
     solution = json.loads(open(solution_path, encoding="utf-8").read())
     names = answer_names(solution)
@@ -412,10 +412,10 @@ def judge(solution_path: str, channel: _Channel, timeout_s: float) -> dict[str, 
 
 
 def main(argv=None) -> int:
-    """``python -m course_utils.judge TIMEOUT``: read ``{"grade": SOLUTION, "seed": N}`` lines
+    """``python -m course_utils.grading.verdict TIMEOUT``: read ``{"grade": SOLUTION, "seed": N}`` lines
     from stdin, speak the call protocol for each and answer ``{"verdicts": ...}``, until stdin
     closes. Everything the cells print goes nowhere."""
-    from course_utils.checks import SEED_VARIABLE
+    from course_utils.grading.checks import SEED_VARIABLE
 
     timeout_s = float((argv or sys.argv[1:])[0])
     channel = _Channel(sys.stdin, sys.stdout)

@@ -33,7 +33,7 @@ Design choices that the lessons rely on:
 * **The corpus has no chat markup.** ``<|user|>``/``<|assistant|>`` never occur in it, so the
   pretrained model does not follow the chat format until SFT teaches it.
 
-Regenerate everything with ``python -m course_utils.world`` (byte for byte; a test checks).
+Regenerate everything with ``python -m course_utils.course.world`` (byte for byte; a test checks).
 """
 
 from __future__ import annotations
@@ -639,7 +639,7 @@ def write_world(out_dir: str | Path, seed: int = WORLD_SEED) -> list[Path]:
 
 
 def main(argv=None) -> None:
-    from course_utils.paths import WORLD_DIR
+    from course_utils.course.paths import WORLD_DIR
 
     parser = argparse.ArgumentParser(description="Regenerate the synthetic world's data files.")
     parser.add_argument("--out", default=str(WORLD_DIR), help="output folder (default: data/world)")

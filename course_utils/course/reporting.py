@@ -2,7 +2,7 @@
 
 A notebook calls ``write_metrics("00_setup_and_tour", {...})`` with the numbers it claims, and
 ``check_claims`` on what its text says about them;
-``make run`` ends with ``python -m course_utils.reporting``, which prints one table of them all.
+``make run`` ends with ``python -m course_utils.course.reporting``, which prints one table of them all.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy
 
-from course_utils import paths, portability
+from course_utils.course import paths
+from course_utils.notebook_tools import portability
 
 
 def write_metrics(notebook_stem: str, metrics: dict) -> Path:
@@ -45,7 +46,7 @@ class Verdicts(dict):
 
 
 #: ``make portability`` sets this to a JSON-lines file: every claim and ``check_close`` of the
-#: lesson is appended to it, with the quantities it compared (``course_utils.portability``)
+#: lesson is appended to it, with the quantities it compared (``course_utils.notebook_tools.portability``)
 LOG_VARIABLE = "COURSE_PORTABILITY_LOG"
 
 

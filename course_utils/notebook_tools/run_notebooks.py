@@ -2,7 +2,7 @@
 pipeline table of lesson 11.
 
 ``make run`` calls this, and ``make test`` executes each lesson through the same ``execute``
-(``course_utils.pytest_notebooks``). Executed copies go to ``artifacts/executed/``, each with the
+(``course_utils.notebook_tools.pytest_notebooks``). Executed copies go to ``artifacts/executed/``, each with the
 date, profile and library versions it ran with in its metadata (``make site`` publishes them); the
 profile comes from ``COURSE_PROFILE`` (unset: each notebook's ``PROFILE = "auto"``). A failing
 notebook stops the run with the path of its executed copy, where the failing cell's traceback is.
@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from course_utils import paths, reporting
+from course_utils.course import paths, reporting
 
 #: the libraries whose versions an executed notebook records (what its numbers depend on)
 RECORDED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
@@ -65,7 +65,7 @@ def execute(notebook: Path, target: Path | None = None, profile: str | None = No
 
     profile = profile or os.environ.get("COURSE_PROFILE") or "auto"
     target = Path(target or paths.artifacts_dir("executed") / notebook.name)
-    record = run_record(profile, "papermill, course_utils.run_notebooks")
+    record = run_record(profile, "papermill, course_utils.notebook_tools.run_notebooks")
     # the kernel inherits this process's environment: figures inline, whatever backend the
     # caller (make's MPLBACKEND=Agg for the tests' own plots) chose for itself
     backend = os.environ.get("MPLBACKEND")
