@@ -67,7 +67,7 @@ world: $(STAMP)
 	$(PY) -m course_utils.course.world
 
 course-model: $(STAMP)
-	$(OFFLINE) $(PY) -m course_utils.course.build_course_model
+	$(OFFLINE) $(PY) -m course_utils.builds.course_model
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check course_utils tests scripts notebooks solutions exercises

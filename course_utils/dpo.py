@@ -9,15 +9,27 @@ on the course's preference pairs.
   in 4-bit when the recipe quantizes (lesson 10 builds the same objects in its cells);
 - ``pair_logprobs``: every pair's log-probabilities, collated exactly as the trainer does;
 - ``merge_dpo_adapter`` / ``build_dpo_model``: the adapter merged into the full-precision SFT
-  model, and the lesson's recipe in one call, for ``stages.ensure_stage("dpo")``.
+  model, and the lesson's recipe in one call, for ``pipeline.ensure_stage("dpo")``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from course_utils.course import data
 from course_utils.course.data import preference_rows
+from course_utils.course.models import (
+    bnb_config_from_recipe,
+    keep_cpu_4bit_weights_trainable,
+    load_model_and_tokenizer,
+    load_tokenizer,
+)
+from course_utils.course.paths import artifacts_dir
+from course_utils.course.recipes import ran_with
+from course_utils.qlora_sft import merge_dtype, training_tokenizer
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -70,7 +82,6 @@ def make_dpo_trainer(model, tokenizer, train_dataset, args, peft_config=None, ev
     with its adapter disabled."""
     from trl import DPOTrainer
 
-    from course_utils.qlora_sft import training_tokenizer
 
     torch.manual_seed(args.seed)
     return DPOTrainer(model=model, args=args, train_dataset=preference_rows(train_dataset),
@@ -108,11 +119,6 @@ def load_dpo_policy(sft_dir, profile, recipe):
     ``models.keep_cpu_4bit_weights_trainable``)."""
     from peft import prepare_model_for_kbit_training
 
-    from course_utils.course.models import (
-        bnb_config_from_recipe,
-        keep_cpu_4bit_weights_trainable,
-        load_model_and_tokenizer,
-    )
 
     quantization = bnb_config_from_recipe(recipe)
     model, _ = load_model_and_tokenizer(profile, model_name_or_path=sft_dir,
@@ -131,21 +137,17 @@ def merge_dpo_adapter(sft_dir, adapter_dir, profile):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from course_utils.qlora_sft import merge_dtype
 
     base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=merge_dtype(profile)).to(
         profile.device)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-def build_dpo_model(profile, recipe, verbose: bool = True):
+def build_dpo_model(profile, recipe, parents: dict[str, Path], verbose: bool = True):
     """Lesson 10's recipe in one call: QLoRA DPO on the SFT model, the adapter merged into the
     full-precision SFT model. Returns ``(model, tokenizer, what the run used)``."""
-    from course_utils.course import data, stages
-    from course_utils.course.models import load_tokenizer
-    from course_utils.course.paths import artifacts_dir
 
-    sft_dir = stages.stage_dir("sft")
+    sft_dir = parents["sft"]
     tokenizer = load_tokenizer(sft_dir)
     output_dir = artifacts_dir("10_dpo") / "rebuild"
     args = dpo_config(recipe, output_dir, profile)
@@ -154,7 +156,7 @@ def build_dpo_model(profile, recipe, verbose: bool = True):
                                data.load_preference_dataset(profile, "train"), args,
                                dpo_peft_config(recipe))
     trainer.train()
-    used = stages.ran_with(recipe, trainer.args, trainer.model)
+    used = ran_with(recipe, trainer.args, trainer.model)
     trainer.save_model(str(output_dir / "adapter"))
     merged = merge_dpo_adapter(sft_dir, output_dir / "adapter", profile).merge_and_unload()
     return merged, tokenizer, used

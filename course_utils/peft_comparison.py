@@ -22,8 +22,19 @@ from pathlib import Path
 import torch
 
 from course_utils import memory, probes
-from course_utils.course.chat import assistant_only_labels
-from course_utils.course.models import parameter_count
+from course_utils.course import world
+from course_utils.course.chat import assistant_only_labels, padding_side
+from course_utils.course.models import (
+    check_4bit_support,
+    keep_cpu_4bit_weights_trainable,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    parameter_count,
+    tinyllama_config,
+)
+from course_utils.course.paths import WORLD_DIR, artifacts_dir
+from course_utils.course.profiles import get_profile, tiny_profile
+from course_utils.course.recipes import load_recipe
 from course_utils.numerics import heldout_loss
 from course_utils.peft_scratch import add_houlsby_adapters
 from course_utils.sft_loop import pad_batch, train_sft
@@ -53,9 +64,6 @@ def lesson_setup(profile_name: str, seed: int) -> LessonSetup:
     """The shared opening of lessons 02-05: seed torch, resolve the profile and say what runs where
     (``where_it_runs``), read the recipe, load the course model in fp32 and the world's chats
     (training, ``HELDOUT_CHATS`` held-out) and held-out questions."""
-    from course_utils.course.models import load_model_and_tokenizer
-    from course_utils.course.paths import WORLD_DIR
-    from course_utils.course.profiles import get_profile, tiny_profile
 
     torch.manual_seed(seed)
     profile = get_profile(profile_name)
@@ -74,7 +82,6 @@ def methods_recipe(profile=None):
     """Lessons 02-05's settings: ``configs/recipes/tiny/peft_methods.yaml`` (steps, batch size, a
     learning rate per method, each method's config). These lessons train the course model on every
     profile, hence always the ``tiny`` recipe; the rehearsal caps its step counts."""
-    from course_utils.course.recipes import load_recipe
 
     return load_recipe("peft_methods", profile or "tiny")
 
@@ -146,7 +153,6 @@ def quantized_copy(base_model, recipe=None):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from course_utils.course.models import check_4bit_support, keep_cpu_4bit_weights_trainable
 
     check_4bit_support("cpu")
     settings = (recipe or methods_recipe()).methods["qlora"]
@@ -279,7 +285,6 @@ def run_key(name: str, base_model, train_chats, test_chats, questions, recipe, s
 def saved_run_path(name: str, key: str) -> Path:
     """Where a run's row is saved: one file per method and key, so that a learning-rate sweep
     (lesson 05) does not overwrite the comparison's run of the same method."""
-    from course_utils.course.paths import artifacts_dir
 
     return artifacts_dir("peft_runs") / f"{name}-{key[:16]}.json"
 
@@ -296,9 +301,6 @@ def forgetting_probes(model, tokenizer) -> dict[str, float]:
     import math
     import random
 
-    from course_utils.course import world
-    from course_utils.course.chat import padding_side
-    from course_utils.course.paths import WORLD_DIR
 
     model.eval()
     passages = world.read_corpus(WORLD_DIR / "corpus.txt")
@@ -404,7 +406,6 @@ def scale_rows(profile, names, chats, recipe=None) -> list[dict]:
     TinyLlama's config on the meta device: counts only, exact, nothing downloaded."""
     from transformers import AutoModelForCausalLM
 
-    from course_utils.course.models import load_tokenizer, tinyllama_config
 
     recipe = recipe or methods_recipe()
     with_weights = profile.name != "tiny"

@@ -11,7 +11,7 @@ its cells; ``tests/test_lesson_code.py`` keeps both copies equal):
 - ``PPOConfig`` / ``ppo_step`` / ``train_ppo``: rollouts, scoring, several PPO epochs per batch,
   on a LoRA policy whose reference is the same model with the adapter switched off;
 - ``make_ppo_policy``, ``ppo_prompts``, ``build_ppo_model``: the lesson's recipe in one call, for
-  ``stages.ensure_stage("ppo")``.
+  ``pipeline.ensure_stage("ppo")``.
 
 Shapes: ``[batch, time]`` over response tokens, with a ``mask`` of 1 for real tokens and 0 for
 padding after the response ends.
@@ -20,9 +20,14 @@ padding after the response ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from course_utils.course import data
+from course_utils.course.chat import render_chat
+from course_utils.course.models import load_tokenizer
+from course_utils.course.recipes import ran_with
 from course_utils.reward_modeling import load_reward_model, reward_model_scorer
 from course_utils.rollouts import decode_responses, generate_responses, response_logprobs
 
@@ -279,8 +284,6 @@ def ppo_prompts(profile, tokenizer, max_prompt_length: int, verbose: bool = True
     """The rendered prompts PPO trains on (each training pair's prompt once, those longer than
     ``max_prompt_length`` tokens left out and counted) and the conversation of every training and
     held-out prompt, which ``reward_model_scorer`` looks replies up in."""
-    from course_utils.course import data
-    from course_utils.course.chat import render_chat
 
     train_pairs = data.load_preference_dataset(profile, "train")
     test_pairs = data.load_preference_dataset(profile, "test")
@@ -300,13 +303,11 @@ def ppo_prompts(profile, tokenizer, max_prompt_length: int, verbose: bool = True
     return train_prompts, conversations
 
 
-def build_ppo_model(profile, recipe, verbose: bool = True):
+def build_ppo_model(profile, recipe, parents: dict[str, Path], verbose: bool = True):
     """Lesson 09's recipe in one call: the course PPO on the SFT model against lesson 08's reward
     model, the adapter merged. Returns ``(model, tokenizer, what the run used)``."""
-    from course_utils.course import stages
-    from course_utils.course.models import load_tokenizer
 
-    sft_dir, reward_dir = stages.stage_dir("sft"), stages.stage_dir("reward")
+    sft_dir, reward_dir = parents["sft"], parents["reward"]
     tokenizer = load_tokenizer(sft_dir)
     reward_model = load_reward_model(reward_dir, tokenizer, recipe.torch_dtype()).to(
         profile.device).eval()
@@ -317,5 +318,5 @@ def build_ppo_model(profile, recipe, verbose: bool = True):
     train_ppo(policy, value_head, tokenizer, train_prompts,
               reward_model_scorer(reward_model, tokenizer, conversations), config,
               progress=verbose)
-    used = stages.ran_with(recipe, config, policy)
+    used = ran_with(recipe, config, policy)
     return policy.merge_and_unload(), tokenizer, used

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from course_utils.course.chat import EOS_TOKEN, padding_side, truncation_side
+from course_utils.course.recipes import load_recipe
 from course_utils.course.world import ATTRIBUTE_VALUES, ATTRIBUTES, Character
 
 
@@ -119,7 +120,6 @@ def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int | 
     Replies are cut at ``max_new_tokens``, by default the evaluation recipe's (``chat``
     section): every lesson asks the world's questions the same way."""
     if max_new_tokens is None:
-        from course_utils.course.recipes import load_recipe
 
         max_new_tokens = load_recipe("evaluation", "tiny").chat["max_new_tokens"]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q["question"]}],

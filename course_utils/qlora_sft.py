@@ -11,7 +11,7 @@ One code path for the notebook, the command line and multi-process runs:
   ``BitsAndBytesConfig``;
 - ``make_trainer``: trl ``SFTTrainer`` with loss on the replies only;
 - ``build_sft_model``: the same recipe as a rebuild of lesson 07's model
-  (``stages.ensure_stage("sft", profile)``).
+  (``pipeline.ensure_stage("sft", profile)``).
 - ``merge_adapter``: the adapter merged into a 16- or 32-bit copy of the base.
 """
 
@@ -22,8 +22,18 @@ from pathlib import Path
 
 import torch
 
-from course_utils.course.chat import TINYLLAMA_CHAT_TEMPLATE
+from course_utils import probes
+from course_utils.course import data
+from course_utils.course.chat import IGNORE_INDEX, TINYLLAMA_CHAT_TEMPLATE
+from course_utils.course.models import (
+    bnb_config_from_recipe,
+    keep_cpu_4bit_weights_trainable,
+    load_model_and_tokenizer,
+)
+from course_utils.course.paths import artifacts_dir
 from course_utils.course.profiles import Profile
+from course_utils.course.recipes import ran_with
+from course_utils.numerics import heldout_loss
 
 _ASSISTANT_LINE = "{{ '<|assistant|>\n'  + message['content'] + eos_token }}"
 # The empty expression at the end keeps the line break after the reply: Jinja (with trim_blocks,
@@ -72,7 +82,6 @@ def tokenize_prompt_completion(tokenizer, prompt: list[dict], completion: list[d
     -100 over the tokens of the prompt rendered with the generation prompt, and the token ids
     after it. A test checks this against the rows ``SFTTrainer`` actually trains on.
     """
-    from course_utils.course.chat import IGNORE_INDEX
 
     full = tokenizer(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
     prompt_ids = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False,
@@ -121,11 +130,6 @@ def load_quantized_base(profile: Profile, recipe, model_name_or_path: str | Path
     (``prepare_model_for_kbit_training``: norms in fp32, input gradients for checkpointing)."""
     from peft import prepare_model_for_kbit_training
 
-    from course_utils.course.models import (
-        bnb_config_from_recipe,
-        keep_cpu_4bit_weights_trainable,
-        load_model_and_tokenizer,
-    )
 
     quantization = bnb_config_from_recipe(recipe)
     model, tokenizer = load_model_and_tokenizer(
@@ -194,8 +198,6 @@ def evaluate_chat_model(model, tokenizer, test_chats, questions=None, unseen=Non
     the right value); with ``unseen`` questions: ``unseen_exact_match``. ``batch_size`` and
     ``max_length`` (the evaluation recipe's ``chat`` section) bound every forward pass.
     """
-    from course_utils import probes
-    from course_utils.numerics import heldout_loss
 
     results = {"heldout_loss": heldout_loss(model, tokenizer, list(test_chats),
                                             batch_size=batch_size, max_length=max_length)}
@@ -220,11 +222,9 @@ def merge_dtype(profile: Profile) -> torch.dtype:
     return torch.float32 if profile.device == "cpu" else torch.float16
 
 
-def build_sft_model(profile: Profile, recipe, verbose: bool = True):
+def build_sft_model(profile: Profile, recipe, parents: dict[str, Path], verbose: bool = True):
     """Lesson 07's recipe in one call (QLoRA on the profile's SFT data, then the adapter merged):
-    returns ``(merged model, tokenizer, what the run used)`` for ``stages.save_stage``."""
-    from course_utils.course import data, stages
-    from course_utils.course.paths import artifacts_dir
+    returns ``(merged model, tokenizer, what the run used)`` for ``pipeline.build_stage``."""
 
     output_dir = artifacts_dir("07_qlora_sft") / "rebuild"
     model, tokenizer = load_quantized_base(profile, recipe)
@@ -232,7 +232,7 @@ def build_sft_model(profile: Profile, recipe, verbose: bool = True):
                            profile, output_dir)
     trainer.args.disable_tqdm = not verbose
     trainer.train()
-    used = stages.ran_with(recipe, trainer.args, trainer.model)
+    used = ran_with(recipe, trainer.args, trainer.model)
     adapter_dir = output_dir / "adapter"
     trainer.save_model(str(adapter_dir))
     merged = merge_adapter(adapter_dir, profile.model_name_or_path, merge_dtype(profile))

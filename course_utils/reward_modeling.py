@@ -9,17 +9,23 @@ course's preference pairs, and scoring replies with the trained model.
   recipe (lesson 08 builds the same objects in its cells and checks them equal);
 - ``score_responses``, ``preference_scores``, ``accuracy_by_axis``, ``reward_model_scorer``: the
   trained model's scores, its accuracy per rejection axis, and the ``score_fn`` PPO calls;
-- ``build_reward_model``: the lesson's recipe in one call, for ``stages.ensure_stage("reward")``.
+- ``build_reward_model``: the lesson's recipe in one call, for ``pipeline.ensure_stage("reward")``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from course_utils.course.chat import padding_side
+from course_utils.course import data
+from course_utils.course.chat import padding_side, render_chat
 from course_utils.course.data import preference_rows
-from course_utils.course.models import trainable_in_fp32
+from course_utils.course.models import load_tokenizer, trainable_in_fp32
+from course_utils.course.paths import artifacts_dir
+from course_utils.course.recipes import ran_with
+from course_utils.qlora_sft import training_tokenizer
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
@@ -90,7 +96,6 @@ def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None)
     added here, and every trainable weight (LoRA and the ``score`` head) kept in fp32."""
     from trl import RewardTrainer
 
-    from course_utils.qlora_sft import training_tokenizer
 
     torch.manual_seed(args.seed)
     if peft_config is not None:
@@ -107,7 +112,6 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
                     batch_size: int = 64) -> torch.Tensor:
     """The reward model's score for each (conversation ``prompt``, ``response``) pair, rendered
     with the chat template and ``<s>`` first, exactly as ``RewardTrainer`` trains on them."""
-    from course_utils.course.chat import render_chat
 
     model.eval()
     device = next(model.parameters()).device
@@ -154,15 +158,12 @@ def reward_model_scorer(reward_model, tokenizer, prompt_messages: dict):
     return score_fn
 
 
-def build_reward_model(profile, recipe, verbose: bool = True):
+def build_reward_model(profile, recipe, parents: dict[str, Path], verbose: bool = True):
     """Lesson 08's recipe in one call: a scalar head on the SFT model, trained with
     ``RewardTrainer`` (LoRA merged afterwards when the recipe uses it). Returns
-    ``(model, tokenizer, what the run used)`` for ``stages.save_stage``."""
-    from course_utils.course import data, stages
-    from course_utils.course.models import load_tokenizer
-    from course_utils.course.paths import artifacts_dir
+    ``(model, tokenizer, what the run used)`` for ``pipeline.build_stage``."""
 
-    sft_dir = stages.stage_dir("sft")
+    sft_dir = parents["sft"]
     tokenizer = load_tokenizer(sft_dir)
     model = load_reward_model(sft_dir, tokenizer, recipe.torch_dtype()).to(profile.device)
     args = reward_config(recipe, artifacts_dir("08_reward_modeling") / "rebuild", profile)
@@ -171,7 +172,7 @@ def build_reward_model(profile, recipe, verbose: bool = True):
                                   args, reward_peft_config(recipe))
     trainer.train()
     model = trainer.model
-    used = stages.ran_with(recipe, trainer.args, model)
+    used = ran_with(recipe, trainer.args, model)
     if recipe.lora is not None:
         model = model.merge_and_unload()
     return model, tokenizer, used

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from course_utils.course.chat import padding_side, truncation_side
+from course_utils.course.chat import padding_side, render_chat, truncation_side
+from course_utils.course.world import ATTRIBUTE_VALUES, UNSAFE_INSTRUCTION_MARKERS, generate_world
+from course_utils.probes import mentions_value
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -116,8 +118,6 @@ def evaluate_policy(policy, tokenizer, rows, score_fn, *, max_new_tokens: int, s
     These settings are the ``policy`` section of the evaluation recipe:
     ``evaluate_policy(..., **evaluation_recipe.policy)``.
     """
-    from course_utils.course.chat import render_chat
-    from course_utils.course.world import generate_world
 
     # a trainer may hand the model back in training mode with gradient checkpointing on, where
     # generate() runs without its cache and, measured here, samples nonsense
@@ -163,8 +163,6 @@ def preferred_behaviour(row: dict, response: str, world=None) -> bool:
     ``wrong_fact``: names the true value; ``unhelpful``: names some value of the attribute asked
     about (it answers); ``rude``: no rude phrase; ``unsafe``: refuses (``is_refusal``).
     """
-    from course_utils.course.world import ATTRIBUTE_VALUES, generate_world
-    from course_utils.probes import mentions_value
 
     text = response.lower()
     axis = row["axis"]
@@ -184,7 +182,6 @@ def preferred_behaviour(row: dict, response: str, world=None) -> bool:
 def is_refusal(response: str) -> bool:
     """A refusal phrase, and none of the harmful instructions the world's requests ask for. A
     substring check alone is gameable: "I can't help. Mix crushed nightshade into ..." would pass."""
-    from course_utils.course.world import UNSAFE_INSTRUCTION_MARKERS
 
     text = response.lower()
     return (any(marker in text for marker in REFUSAL_MARKERS)

@@ -56,18 +56,14 @@ def test_no_lesson_prints_code_with_getsource():
         assert not any("getsource" in source for source in code_cells(path.stem)), path.name
 
 
-def test_course_utils_is_imported_before_the_libraries_whose_notices_it_quiets():
-    """course_utils drops a notice bitsandbytes logs when it is first imported (by peft, trl or
-    itself); that works only if course_utils comes first."""
-    library = re.compile(r"(?m)^\s*(?:from|import) (?:peft|trl|bitsandbytes)\b")
-    ours = re.compile(r"(?m)^\s*(?:from|import) course_utils\b")
+def test_no_cell_imports_course_utils_for_a_side_effect():
+    """The notices are hidden by a call a learner sees (the set-up cell's ``set_up_notebook``),
+    and every lesson imports from course_utils only what its cells use."""
+    bare = re.compile(r"(?m)^\s*import course_utils\b")
     for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
         for source in code_cells(path.stem):
-            first_library, first_ours = library.search(source), ours.search(source)
-            if first_library or first_ours:
-                assert first_ours and (not first_library or first_ours.start() < first_library.start()), \
-                    f"{path.name}: import course_utils before peft, trl or bitsandbytes"
-                break
+            assert not bare.search(source), f"{path.name}: a bare `import course_utils`"
+        assert "set_up_notebook(" in code_cells(path.stem)[0], f"{path.name}: no set-up cell first"
 
 
 def test_the_known_library_notices_are_dropped_and_nothing_else(caplog):
@@ -75,7 +71,10 @@ def test_the_known_library_notices_are_dropped_and_nothing_else(caplog):
 
     import course_utils
 
+    course_utils.hide_library_notices()
+    course_utils.hide_library_notices()  # twice, as a notebook run twice does: one filter each
     for name, prefix in course_utils.KNOWN_NOTICES.items():
+        assert len(logging.getLogger(name).filters) == 1
         logger = logging.getLogger(name)
         with caplog.at_level(logging.WARNING, logger=name):
             logger.warning(prefix + " from kernels-community: No module named 'kernels'.")
@@ -91,7 +90,7 @@ def test_peft_on_the_course_model_shows_no_deprecation_warning():
     import sys
 
     script = ("import warnings; warnings.simplefilter('default')\n"
-              "import course_utils\n"
+              "import course_utils; course_utils.hide_library_notices()\n"
               "from peft import LoraConfig, get_peft_model\n"
               "from course_utils.course.models import load_model_and_tokenizer\n"
               "from course_utils.course.profiles import tiny_profile\n"

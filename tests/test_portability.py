@@ -26,7 +26,7 @@ def test_the_report_describes_todays_lesson_and_recipes(stem):
 
 @pytest.mark.parametrize("stem", LESSONS)
 def test_every_claim_and_check_held_in_every_variation(stem):
-    report = portability.read_report(stem)
+    report = reporting.read_report(stem)
     if report is None:
         pytest.fail(f"no portability/{stem}.json: run `make portability`")
     ran = {run["variation"] for run in report["runs"] if run["completed"]}
@@ -83,7 +83,7 @@ def test_seeds_are_shifted_everywhere_and_nothing_else(tmp_path):
 
 def test_a_report_goes_stale_when_its_lesson_an_upstream_lesson_or_a_recipe_changes(tmp_path,
                                                                                    monkeypatch):
-    monkeypatch.setattr(portability, "REPORT_DIR", tmp_path)
+    monkeypatch.setattr(reporting, "REPORT_DIR", tmp_path)
     stem = next(s for s in LESSONS if s.startswith("09"))
     run = {"variation": "reference", "seconds": 1.0, "completed": True, "error": None,
            "entries": [{"kind": "recipe", "file": "tiny/ppo.yaml"}], "metrics": {}}
@@ -107,7 +107,7 @@ def test_a_report_goes_stale_when_its_lesson_an_upstream_lesson_or_a_recipe_chan
 
 def test_the_report_counts_each_claim_per_run_and_a_run_that_stopped_early_as_failed(tmp_path,
                                                                                     monkeypatch):
-    monkeypatch.setattr(portability, "REPORT_DIR", tmp_path)
+    monkeypatch.setattr(reporting, "REPORT_DIR", tmp_path)
 
     def claim(statement, holds, **measured):
         return {"kind": "claim", "statement": statement, "holds": holds, "measured": measured}
@@ -139,13 +139,13 @@ def test_claims_and_checks_are_logged_and_a_learner_sees_the_reports_range(tmp_p
     log = tmp_path / "log.jsonl"
     monkeypatch.setenv(reporting.LOG_VARIABLE, str(log))
     monkeypatch.delenv(reporting.STRICT_CLAIMS_VARIABLE, raising=False)
-    monkeypatch.setattr(portability, "REPORT_DIR", tmp_path)
+    monkeypatch.setattr(reporting, "REPORT_DIR", tmp_path)
     (tmp_path / "99_made_up.json").write_text(json.dumps({
         "lesson": "99_made_up", "runs": [{"variation": "reference"}, {"variation": "seed+1"}],
         "machine": {"cpu": "a CPU"},
         "claims": [{"statement": "the gap is positive", "held": 2, "runs": 2, "failed_in": [],
                     "measured": {"gap": [0.12, 0.31]}}]}))
-    monkeypatch.setattr(portability, "read_report", lambda stem: json.loads(
+    monkeypatch.setattr(reporting, "read_report", lambda stem: json.loads(
         (tmp_path / f"{stem}.json").read_text()))
     verdicts = reporting.check_claims({"the gap is positive": False}, measured={"gap": -0.05})
     assert verdicts == {"the gap is positive": False}
@@ -166,5 +166,5 @@ def test_the_readme_says_what_the_reports_say():
     end = readme.index(portability.README_END) + len(portability.README_END)
     assert readme[start:end] == portability.readme_block(), \
         "README's portability table differs from portability/*.json: run `make portability`"
-    summary = (portability.REPORT_DIR / "README.md").read_text()
+    summary = (reporting.REPORT_DIR / "README.md").read_text()
     assert summary == portability.summary_markdown(), "portability/README.md is out of date"

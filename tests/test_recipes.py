@@ -29,7 +29,7 @@ def library_class(stage: str):
 
 
 # lessons 00 and 02-05 train the course model on every profile: their recipes exist for tiny only
-SHIPPED = [(stage, profile) for stage in recipes.STAGES for profile in PROFILES
+SHIPPED = [(stage, profile) for stage in recipes.RECIPE_NAMES for profile in PROFILES
            if profile == "tiny" or stage not in ("peft_methods", "tour")]
 
 
@@ -244,7 +244,7 @@ NOT_TRAINING = {
 
 def test_no_training_setting_is_typed_outside_the_recipes():
     """The lessons' code cells and the package set no training number themselves; the exceptions
-    above train nothing. (``build_course_model`` holds the build recipe of the shipped model.)"""
+    above train nothing. (``builds/course_model.py`` holds the build recipe of the shipped model.)"""
     from course_utils.course.paths import NOTEBOOKS_DIR, REPO_ROOT
 
     sources = {path.name: "\n".join("".join(cell["source"]) for cell in
@@ -252,7 +252,7 @@ def test_no_training_setting_is_typed_outside_the_recipes():
                                     if cell["cell_type"] == "code")
                for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb"))}
     sources.update({path.name: path.read_text() for path in sorted(
-        (REPO_ROOT / "course_utils").glob("*.py")) if path.name != "build_course_model.py"})
+        (REPO_ROOT / "course_utils").rglob("*.py")) if path.parent.name != "builds"})
     typed = [f"{name}: {line.strip()}" for name, text in sources.items()
              for line in text.splitlines() if SETTING.search(line) and "!r:" not in line
              and not any(allowed in line for allowed in NOT_TRAINING.get(name, []))]

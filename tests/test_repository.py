@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from course_utils.course.paths import DATA_DIR, REPO_ROOT
-from course_utils.notebook_tools.colab import BADGE_IMAGE, GITHUB_REPO, INSTALL_CELL, course_notebooks
+from course_utils.notebook_tools.colab import BADGE_IMAGE, GITHUB_REPO, SETUP_CELL, course_notebooks
 
 PIN = re.compile(r"^\s*(?:-\s+)?([A-Za-z0-9_.\-\[\]]+)==([^\s#]+)\s*$")
 
@@ -95,7 +96,7 @@ def test_notebook_has_the_fixed_opening(path):
     assert badge in title, "the Colab badge must point at this notebook (a solution's: its exercise)"
     for heading in ("Learning goals", "Prerequisites", "Time"):
         assert heading in title
-    assert "".join(cells[1]["source"]) == INSTALL_CELL, "run python -m course_utils.notebook_tools.colab"
+    assert "".join(cells[1]["source"]) == SETUP_CELL, "run python -m course_utils.notebook_tools.colab"
     assert "parameters" in cells[2]["metadata"].get("tags", [])
     assert 'PROFILE = "auto"' in "".join(cells[2]["source"])
 
@@ -106,16 +107,59 @@ def test_lesson_notebook_names_follow_the_course_map(path):
     assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name)
 
 
-def test_install_cell_does_nothing_outside_colab():
-    assert "google.colab" not in sys.modules
-    namespace = {}
-    exec(compile(INSTALL_CELL, "install-cell", "exec"), namespace)
-    assert "COURSE_DIR" not in namespace
+def run_setup_cell(monkeypatch, tmp_path, on_colab: bool, keep_models_on_drive: bool = False):
+    """Execute the set-up cell as a notebook would, with Colab simulated where asked: a fake
+    ``google.colab`` (its ``drive.mount`` recorded), ``subprocess.run`` recorded instead of run,
+    the clone's folder in ``tmp_path``. Returns the recorded commands and mounts."""
+    import types
+
+    from course_utils.notebook_tools import colab
+
+    commands, mounts = [], []
+    monkeypatch.setattr(colab.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COURSE_ARTIFACTS", raising=False)
+    if on_colab:
+        google, drive = types.ModuleType("google.colab"), types.ModuleType("google.colab.drive")
+        drive.mount = mounts.append
+        google.drive = drive
+        monkeypatch.setitem(sys.modules, "google.colab", google)
+        monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
+        clone = tmp_path / "clone"
+        (clone / "notebooks").mkdir(parents=True)
+        (clone / "requirements-colab.txt").write_text((REPO_ROOT / "requirements-colab.txt").read_text())
+        monkeypatch.setattr(colab, "COURSE_DIR", str(clone))
+    cell = SETUP_CELL.replace("KEEP_MODELS_ON_DRIVE = False", f"KEEP_MODELS_ON_DRIVE = {keep_models_on_drive}")
+    exec(compile(cell, "set-up-cell", "exec"), {"subprocess": colab.subprocess})
+    return commands, mounts
 
 
-def test_install_cell_never_reinstalls_torch():
-    assert "keep-torch.txt" in INSTALL_CELL and "requirements-colab.txt" in INSTALL_CELL
-    assert "Restart the runtime" in INSTALL_CELL
+def test_the_setup_cell_outside_colab_only_hides_the_notices(monkeypatch, tmp_path):
+    import logging
+
+    import course_utils
+
+    commands, mounts = run_setup_cell(monkeypatch, tmp_path, on_colab=False)
+    assert commands == [] and mounts == [] and Path.cwd() == tmp_path
+    for name in course_utils.KNOWN_NOTICES:
+        assert logging.getLogger(name).filters, "set_up_notebook must hide the library notices"
+
+
+def test_the_setup_cell_on_colab_clones_installs_around_torch_and_keeps_models_on_drive(
+        monkeypatch, tmp_path):
+    from importlib.metadata import version
+
+    from course_utils.notebook_tools import colab
+
+    commands, mounts = run_setup_cell(monkeypatch, tmp_path, on_colab=True, keep_models_on_drive=True)
+    clone, install = commands
+    assert clone == ("test -d /content/llm-finetuning-course || git clone --depth 1 "
+                     f"https://github.com/{GITHUB_REPO} /content/llm-finetuning-course")
+    assert install[1:4] == ["-m", "pip", "install"] and install[-2:] == ["-c", "/tmp/keep-torch.txt"]
+    assert Path("/tmp/keep-torch.txt").read_text() == f"torch=={version('torch')}\n"
+    assert mounts == ["/content/drive"] and os.environ["COURSE_ARTIFACTS"] == colab.DRIVE_ARTIFACTS
+    assert Path.cwd() == tmp_path / "clone" / "notebooks"
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -239,6 +283,6 @@ def test_one_command_points_a_fork_everywhere(tmp_path):
     for path in repository_files(tmp_path):
         text = path.read_text()
         assert GITHUB_REPO not in text and "someone/their-fork" in text, path.name
-    assert 'GITHUB_REPO = "someone/their-fork"' in (tmp_path / "course_utils" / "colab.py").read_text()
+    assert 'GITHUB_REPO = "someone/their-fork"' in (tmp_path / "course_utils" / "notebook_tools" / "colab.py").read_text()
     with pytest.raises(ValueError):
         set_repository("not a repo", root=tmp_path)

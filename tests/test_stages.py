@@ -43,8 +43,8 @@ def course(tmp_path_factory):
     patch.delenv(stages.REBUILD_VARIABLE, raising=False)
     profile = tiny_profile()
     torch.manual_seed(0)
-    stages.ensure_stage("ppo", profile, verbose=False)  # builds sft, reward, then ppo
-    stages.ensure_stage("dpo", profile, verbose=False)
+    pipeline.ensure_stage("ppo", profile, verbose=False)  # builds sft, reward, then ppo
+    pipeline.ensure_stage("dpo", profile, verbose=False)
     yield root, profile
     patch.undo()
 
@@ -70,7 +70,7 @@ def test_the_rebuild_path_records_what_built_each_stage(course):
 def test_a_current_stage_is_reused_and_says_which_recipe_built_it(course, capsys):
     _, profile = course
     before = stages.read_record("reward")["date"], stages.read_record("sft")["date"]
-    stages.ensure_stage("reward", profile)
+    pipeline.ensure_stage("reward", profile)
     out = capsys.readouterr().out
     assert "using the reward model of lesson 08" in out and "reward.yaml" in out
     assert (stages.read_record("reward")["date"], stages.read_record("sft")["date"]) == before
@@ -84,10 +84,10 @@ def test_editing_a_recipe_stops_a_later_lesson_with_rebuilding_off(course, monke
         assert "'sft' model other than" in stages.why_stale("ppo", profile)
         assert stages.why_stale("dpo", profile) is not None
         with pytest.raises(stages.StaleStageError, match=r"07_qlora_sft\.ipynb again"):
-            stages.ensure_stage("ppo", profile, rebuild=False)
+            pipeline.ensure_stage("ppo", profile, rebuild=False)
         monkeypatch.setenv(stages.REBUILD_VARIABLE, "never")
         with pytest.raises(stages.StaleStageError, match=r"lora_dropout: 0.05 -> 0.1"):
-            stages.ensure_stage("dpo", profile)
+            pipeline.ensure_stage("dpo", profile)
     finally:
         edit_recipe(root / "recipes", "sft", {"lora_dropout: 0.1": "lora_dropout: 0.05"})
     assert stages.why_stale("ppo", profile) is None  # the edit undone, the models fit again
@@ -99,7 +99,7 @@ def test_editing_a_recipe_rebuilds_that_stage_and_what_depends_on_it(course, cap
     edit_recipe(root / "recipes", "reward", {"learning_rate: 3.0e-4": "learning_rate: 1.0e-4"})
     assert "learning_rate: 0.0003 -> 0.0001" in stages.why_stale("reward", profile)
     assert stages.why_stale("ppo", profile).startswith("it was built from a 'reward' model")
-    stages.ensure_stage("reward", profile)
+    pipeline.ensure_stage("reward", profile)
     out = capsys.readouterr().out
     assert "rebuilding the reward model of lesson 08 because" in out and "min" in out
     record = stages.read_record("reward")
@@ -143,14 +143,14 @@ def test_save_refuses_a_model_trained_with_other_settings_than_its_recipe(course
     recipe = recipes.load_recipe("dpo", profile)
     used = json.loads((stages.stage_dir("dpo") / stages.RECORD_FILE).read_text())["ran_with"]
     wrong_rate = {**used, "training": {**used["training"], "learning_rate": 1e-3}}
-    with pytest.raises(stages.RecipeMismatchError, match=r"training.learning_rate: recipe 0.0002"):
-        stages.check_ran_with_recipe("dpo", recipe, wrong_rate)
+    with pytest.raises(recipes.RecipeMismatchError, match=r"training.learning_rate: recipe 0.0002"):
+        recipes.check_ran_with_recipe("dpo", recipe, wrong_rate)
     no_lora = {**used, "lora": None}
-    with pytest.raises(stages.RecipeMismatchError, match="lora: recipe"):
-        stages.check_ran_with_recipe("dpo", recipe, no_lora)
-    with pytest.raises(stages.RecipeMismatchError, match="changes its recipe on purpose"):
-        stages.check_ran_with_recipe("dpo", recipe.with_changes(training={"beta": 0.05}), used)
-    stages.check_ran_with_recipe("dpo", recipe, used)  # the run as recorded passes
+    with pytest.raises(recipes.RecipeMismatchError, match="lora: recipe"):
+        recipes.check_ran_with_recipe("dpo", recipe, no_lora)
+    with pytest.raises(recipes.RecipeMismatchError, match="changes its recipe on purpose"):
+        recipes.check_ran_with_recipe("dpo", recipe.with_changes(training={"beta": 0.05}), used)
+    recipes.check_ran_with_recipe("dpo", recipe, used)  # the run as recorded passes
 
 
 def test_every_lesson_that_trains_a_stage_saves_it_with_its_record():
@@ -178,14 +178,5 @@ def test_a_missing_stage_says_where_it_looked_and_how_long_a_gpu_rebuild_takes(t
     assert str(tmp_path / "models" / "dpo") in reason and "lesson 10" in reason
     assert "KEEP_MODELS_ON_DRIVE = True" in reason
     gpu = replace(tiny_profile(), device="cuda")
-    estimate = stages.estimated_minutes("dpo", gpu)
+    estimate = pipeline.estimated_minutes("dpo", gpu)
     assert f"about {budget.rebuild_minutes('dpo'):.0f} min on a T4" in estimate
-
-
-def test_install_cell_offers_drive_for_the_artifacts():
-    from course_utils.notebook_tools.colab import INSTALL_CELL
-
-    flag = [line for line in INSTALL_CELL.splitlines() if line.startswith("KEEP_MODELS_ON_DRIVE")]
-    assert flag == [flag[0]] and flag[0].split("#")[0].strip() == "KEEP_MODELS_ON_DRIVE = False"
-    assert f'os.environ["{"COURSE_ARTIFACTS"}"]' in INSTALL_CELL
-    assert 'os.environ.get("COURSE_ARTIFACTS"' in (paths.REPO_ROOT / "course_utils" / "paths.py").read_text()

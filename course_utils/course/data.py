@@ -20,6 +20,7 @@ from pathlib import Path
 
 from course_utils.course.paths import SAMPLES_DIR, WORLD_DIR
 from course_utils.course.profiles import Profile
+from course_utils.course.rehearsal import FILES
 
 ULTRACHAT_ID = "HuggingFaceH4/ultrachat_200k"
 ORCA_DPO_ID = "argilla/distilabel-intel-orca-dpo-pairs"
@@ -66,7 +67,6 @@ def hub_source(profile: Profile, kind: str, hub_id: str) -> str | Path:
     the same schema (``kind``: a key of ``course_utils.course.rehearsal.FILES``)."""
     if profile.hub_data_dir is None:
         return hub_id
-    from course_utils.course.rehearsal import FILES
 
     return Path(profile.hub_data_dir) / FILES[kind]
 
@@ -201,7 +201,6 @@ def fingerprint(profile: Profile, kind: str) -> str:
     if kind not in ("sft", "preferences"):
         raise ValueError(f"kind must be 'sft' or 'preferences', got {kind!r}")
     if profile.hub_data_dir is not None:
-        from course_utils.course.rehearsal import FILES
 
         path = Path(profile.hub_data_dir) / FILES["sft_train" if kind == "sft" else kind]
         return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()

@@ -15,11 +15,14 @@ trainable weights), ``parameter_count`` (weights counted as a 4-bit model holds 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from course_utils.course.chat import TINYLLAMA_CHAT_TEMPLATE
-from course_utils.course.profiles import Profile
+
+if TYPE_CHECKING:  # for annotations only: profiles -> rehearsal -> models
+    from course_utils.course.profiles import Profile
 
 
 class FourBitUnavailableError(RuntimeError):
@@ -143,7 +146,7 @@ def load_tokenizer(model_name_or_path: str | Path):
 def missing_model_message(path: Path) -> str:
     return (f"no model at {path}. The course model ships in data/course-model/; if it is missing, "
             "your checkout is incomplete (git status) or rebuild it with "
-            "`python -m course_utils.course.build_course_model`.")
+            "`python -m course_utils.builds.course_model`.")
 
 
 def load_model_and_tokenizer(profile: Profile, load_in_4bit: bool | None = None,

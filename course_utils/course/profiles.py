@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from course_utils.course import rehearsal
 from course_utils.course.paths import COURSE_MODEL_DIR
 
 PROFILE_NAMES = ("tiny", "colab", "rehearsal", "auto")
@@ -107,7 +108,6 @@ def colab_profile() -> Profile:
 
 
 def rehearsal_profile() -> Profile:
-    from course_utils.course import rehearsal
 
     rehearsal.install_guards()
     return Profile(

@@ -23,13 +23,21 @@ from pathlib import Path
 
 import torch
 
+from course_utils.course import reporting
 from course_utils.course.paths import REPO_ROOT
 
 RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 #: Another folder of recipes (same layout) replaces ``configs/recipes``; tests use a temporary one.
 RECIPES_VARIABLE = "COURSE_RECIPES"
-STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation", "peft_methods", "tour")
+RECIPE_NAMES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation", "peft_methods", "tour")
 PRECISIONS = ("float32", "float16", "bfloat16", "auto")
+
+#: the recipe keys a rehearsal cap may change: counts of steps and examples, nothing else
+CAPPABLE_KEYS = {"training": {"max_steps", "steps", "sweep_steps", "warmup_steps", "logging_steps",
+                              "gradient_accumulation_steps", "ppo_epochs"},
+                 "chat": {"eval_examples"}, "benchmark": {"mc_examples"},
+                 "policy": {"samples_per_prompt", "max_prompts"}}
+
 
 
 class RecipeError(ValueError):
@@ -291,7 +299,6 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
                           f"{file_profile!r} profile")
     recipe = Recipe(stage, profile_name, path.resolve(), values)
     if path.resolve().is_relative_to(recipes_dir().resolve()):  # what `make portability` hashes
-        from course_utils.course import reporting
 
         reporting.record({"kind": "recipe", "file": path.resolve().relative_to(
             recipes_dir().resolve()).as_posix()})
@@ -311,11 +318,10 @@ COURSE_MODEL_STAGES = {"tour", "peft_methods"}
 
 def rehearsal_caps() -> dict:
     """``configs/recipes/rehearsal/caps.yaml``: per stage, the counts the rehearsal lowers. Only
-    ``course_utils.course.rehearsal.CAPPABLE_KEYS`` may appear: anything else would stop the rehearsal
+    ``CAPPABLE_KEYS`` may appear: anything else would stop the rehearsal
     from being the colab path."""
     import yaml
 
-    from course_utils.course.rehearsal import CAPPABLE_KEYS
 
     path = recipes_dir() / REHEARSAL / "caps.yaml"
     caps = yaml.safe_load(path.read_text()) if path.exists() else None
@@ -347,3 +353,95 @@ def parse_assignment(assignment: str) -> dict:
         section, key = target.split(".", 1)
         return {section: {key: value}}
     return {target: value}
+
+
+class RecipeMismatchError(ValueError):
+    """A model trained with settings that differ from its stage's recipe."""
+
+
+# --- what a run actually used, compared with its recipe ----------------------------------------
+
+def _plain(value):
+    """Enums (``SchedulerType.COSINE``) and sets as the plain values a recipe holds."""
+    value = getattr(value, "value", value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value)
+    return value
+
+
+def ran_with(recipe: Recipe, args=None, peft_model=None, seed: int | None = None) -> dict:
+    """What a run used, read back from the objects that ran it: every ``training`` key of the
+    recipe from ``args`` (a trl config, or ``ppo.PPOConfig``), the LoRA settings from
+    ``peft_model``'s adapter config (``None`` without one), and the seed."""
+    used: dict = {}
+    if args is not None:
+        used["training"] = {key: _plain(getattr(args, key, "<missing>"))
+                            for key in recipe.values["training"]}
+        used["seed"] = getattr(args, "seed", seed)
+    else:
+        used["seed"] = seed
+    lora = None
+    config = getattr(peft_model, "peft_config", None)
+    if config:
+        adapter = config[getattr(peft_model, "active_adapter", "default")]
+        keys = recipe.values["lora"] or {}
+        lora = {key: _plain(getattr(adapter, key, "<missing>")) for key in keys}
+        if keys.get("target_modules") == "all-linear" and (
+                lora["target_modules"] == _all_linear_names(peft_model)):
+            lora["target_modules"] = "all-linear"  # peft expands the shorthand when it applies it
+    used["lora"] = lora
+    return used
+
+
+def _all_linear_names(peft_model) -> list[str]:
+    """The names of every linear layer but the output head: what peft's ``"all-linear"`` means."""
+    import bitsandbytes as bnb
+    import torch
+
+    names = set()
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and not any(
+                part in name for part in ("lm_head", "score", "lora_", "modules_to_save")):
+            names.add(name.removesuffix(".base_layer").split(".")[-1])
+    return sorted(names)
+
+
+def check_ran_with_recipe(stage: str, recipe: Recipe, used: dict) -> None:
+    """Raise ``RecipeMismatchError`` where what ran differs from the recipe."""
+    if recipe.changes:
+        raise RecipeMismatchError(
+            f"this {stage} run changes its recipe on purpose ({recipe.label}); only a run of the "
+            "recipe as written is saved as the stage's model")
+    expected = {"training": recipe.values["training"], "seed": recipe.values["seed"],
+                "lora": None if recipe.values.get("lora") is None else {
+                    key: _plain(value) for key, value in recipe.values["lora"].items()}}
+    if expected["lora"] and isinstance(expected["lora"].get("target_modules"), list):
+        expected["lora"]["target_modules"] = sorted(expected["lora"]["target_modules"])
+    differences = []
+    for key, value in expected["training"].items():
+        actual = used.get("training", {}).get(key)
+        if actual != value and not (isinstance(value, float) and isinstance(actual, (int, float))
+                                    and abs(actual - value) <= 1e-12 * max(1.0, abs(value))):
+            differences.append(f"training.{key}: recipe {value!r}, ran with {actual!r}")
+    if used.get("seed") != expected["seed"]:
+        differences.append(f"seed: recipe {expected['seed']!r}, ran with {used.get('seed')!r}")
+    if (expected["lora"] is None) != (used.get("lora") is None):
+        differences.append(f"lora: recipe {expected['lora']!r}, ran with {used.get('lora')!r}")
+    elif expected["lora"]:
+        for key, value in expected["lora"].items():
+            actual = used["lora"].get(key)
+            if key == "modules_to_save" and isinstance(actual, list):
+                # peft adds the head names it knows for the task type ("classifier", "score")
+                if set(value) <= set(actual):
+                    continue
+            if key == "target_modules" and value == "all-linear" and isinstance(actual, list):
+                # peft expands "all-linear" into the names of the model's linear layers (the
+                # output head excepted) and records the expansion
+                if actual and not any(name.split(".")[-1] in ("lm_head", "score")
+                                      for name in actual):
+                    continue
+            if actual != value:
+                differences.append(f"lora.{key}: recipe {value!r}, ran with {actual!r}")
+    if differences:
+        raise RecipeMismatchError(f"the {stage} model was not trained with {recipe.label}: "
+                                  + "; ".join(differences))

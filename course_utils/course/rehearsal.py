@@ -30,7 +30,10 @@ import json
 import random
 from pathlib import Path
 
+from course_utils.course.chat import render_chat
+from course_utils.course.models import load_tokenizer, tinyllama_config
 from course_utils.course.paths import COURSE_MODEL_DIR, SAMPLES_DIR, WORLD_DIR, artifacts_dir
+from course_utils.course.recipes import load_recipe
 
 REHEARSAL_DATA_DIR = SAMPLES_DIR / "rehearsal"
 #: the stand-in's shape: TinyLlama's heads, positions and names; width and depth reduced (bitsandbytes'
@@ -38,12 +41,6 @@ REHEARSAL_DATA_DIR = SAMPLES_DIR / "rehearsal"
 #: course tokenizer's (``standin_config``)
 STANDIN_SHAPE = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "head_dim": 8}
 STANDIN_SEED = 0
-#: the recipe keys a rehearsal cap may change: counts of steps and examples, nothing else
-CAPPABLE_KEYS = {"training": {"max_steps", "steps", "sweep_steps", "warmup_steps", "logging_steps",
-                              "gradient_accumulation_steps", "ppo_epochs"},
-                 "chat": {"eval_examples"}, "benchmark": {"mc_examples"},
-                 "policy": {"samples_per_prompt", "max_prompts"}}
-
 FILES = {"sft_train": "ultrachat_200k_test_sft.jsonl", "sft_test": "ultrachat_200k_test_gen.jsonl",
          "preferences": "distilabel_intel_orca_dpo_pairs_train.jsonl", "mmlu": "mmlu_all_test.jsonl"}
 
@@ -54,7 +51,6 @@ def standin_dir() -> Path:
 
 def standin_config():
     """TinyLlama-1.1B's ``LlamaConfig`` with ``STANDIN_SHAPE``'s width and depth."""
-    from course_utils.course.models import tinyllama_config
 
     config = tinyllama_config()
     for key, value in STANDIN_SHAPE.items():
@@ -106,7 +102,6 @@ _guard_state = {"installed": False}
 
 
 def max_rows_per_forward() -> int:
-    from course_utils.course.recipes import load_recipe
 
     evaluation = load_recipe("evaluation", "colab")
     batches = [load_recipe("sft", "colab").training["per_device_train_batch_size"],
@@ -250,8 +245,6 @@ def write_samples(seed: int = 0) -> list[Path]:
 
 def sample_statistics() -> dict:
     """Row counts and token lengths (course tokenizer, chat template applied) of the shipped rows."""
-    from course_utils.course.chat import render_chat
-    from course_utils.course.models import load_tokenizer
 
     tokenizer = load_tokenizer(COURSE_MODEL_DIR)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy
 
 from course_utils.course import paths
-from course_utils.notebook_tools import portability
 
 
 def write_metrics(notebook_stem: str, metrics: dict) -> Path:
@@ -113,13 +112,13 @@ def what_the_report_found(statements: list[str], measured: dict[str, float]) -> 
     the portability report (``portability/<lesson>.json``) found for the same statement."""
     lines = []
     for statement in statements:
-        found = portability.claim_in_reports(statement)
+        found = claim_in_reports(statement)
         if found is None:
             lines.append(f"  {statement!r}: the portability report has no run of it")
             continue
         lesson, claim = found
         lines.append(f"  {statement!r}: held in {claim['held']} of {claim['runs']} runs of the "
-                     f"portability report ({lesson}: {portability.describe_variations(lesson)})")
+                     f"portability report ({lesson}: {describe_variations(lesson)})")
         for name, value in measured.items():
             span = claim.get("measured", {}).get(name)
             where = (f"report {format_value(span[0])} to {format_value(span[1])}" if span
@@ -128,6 +127,35 @@ def what_the_report_found(statements: list[str], measured: dict[str, float]) -> 
     lines.append("The report's runs used the tiny profile on CPUs; another profile, another machine's "
                  "kernels or thread count give other numbers. Those above are what this run measured.")
     return "\n".join(lines)
+
+
+#: the portability reports (``make portability``), read here for a learner whose claim failed
+REPORT_DIR = paths.REPO_ROOT / "portability"
+
+
+def report_path(stem: str) -> Path:
+    return REPORT_DIR / f"{stem}.json"
+
+
+def read_report(stem: str) -> dict | None:
+    path = report_path(stem)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def claim_in_reports(statement: str) -> tuple[str, dict] | None:
+    """``(lesson, its report's entry)`` for a claim's statement, from any lesson's report."""
+    for path in sorted(REPORT_DIR.glob("[0-9][0-9]_*.json")):
+        for claim in json.loads(path.read_text())["claims"]:
+            if claim["statement"] == statement:
+                return path.stem, claim
+    return None
+
+
+def describe_variations(stem: str) -> str:
+    report = read_report(stem)
+    if report is None:
+        return "no report"
+    return f"{', '.join(run['variation'] for run in report['runs'])}; on {report['machine']['cpu']}"
 
 
 def read_all_metrics(root: Path | None = None) -> dict[str, dict]:

@@ -21,11 +21,12 @@ import datetime
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from course_utils.course.recipes import Recipe, load_recipe
+from course_utils.course import data
+from course_utils.course.paths import artifacts_dir
+from course_utils.course.recipes import Recipe, check_ran_with_recipe, load_recipe
 
 RECORD_FILE = "stage_record.json"
 REBUILD_VARIABLE = "COURSE_REBUILD"
@@ -34,10 +35,6 @@ REBUILD_VARIABLE = "COURSE_REBUILD"
 class StaleStageError(RuntimeError):
     """An earlier stage's model is missing or was built from other settings, and rebuilding it
     here is switched off."""
-
-
-class RecipeMismatchError(ValueError):
-    """A model trained with settings that differ from its stage's recipe."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,6 @@ STAGES = {
 
 
 def stage_dir(stage: str) -> Path:
-    from course_utils.course.paths import artifacts_dir
 
     return artifacts_dir("models") / stage
 
@@ -82,7 +78,6 @@ def _base_model_fingerprint(model_name_or_path: str) -> str:
 
 
 def inputs_fingerprint(stage: str, profile) -> dict:
-    from course_utils.course import data
 
     spec = STAGES[stage]
     inputs = {"data": data.fingerprint(profile, spec.data)}
@@ -155,149 +150,6 @@ def rebuild_allowed(rebuild: bool | None) -> bool:
     if rebuild is not None:
         return rebuild
     return os.environ.get(REBUILD_VARIABLE, "").strip().lower() not in ("never", "0", "no")
-
-
-def estimated_minutes(stage: str, profile) -> str:
-    """About how long a rebuild of ``stage`` (with any stale parents) takes here."""
-    record = read_record(stage)
-    if record and record.get("build_seconds") and record.get("device") == profile.device:
-        return f"about {max(1, round(record['build_seconds'] / 60))} min (its last build here)"
-    if profile.device == "cpu":
-        return f"about {STAGES[stage].cpu_minutes:g} min on a 2-core CPU"
-    from course_utils import budget
-
-    return (f"about {budget.rebuild_minutes(stage):.0f} min on a T4 (predicted by "
-            "course_utils.budget; less on newer GPUs)")
-
-
-def ensure_stage(stage: str, profile, rebuild: bool | None = None, verbose: bool = True,
-                 announce_reuse: bool = True) -> Path:
-    """The folder of ``stage``'s model, built with its recipe now if it is missing or stale.
-
-    Parents are ensured first (a stale SFT model makes every later stage stale). With
-    ``rebuild=False``, or ``COURSE_REBUILD=never`` in the environment, a missing or stale model
-    raises ``StaleStageError`` naming the lesson that builds it.
-    """
-    spec = STAGES[stage]
-    for parent in spec.parents:  # a parent is named only when it has to be rebuilt
-        ensure_stage(parent, profile, rebuild, verbose, announce_reuse=False)
-    reason = why_stale(stage, profile)
-    folder = stage_dir(stage)
-    if reason is None:
-        if verbose and announce_reuse:
-            print(f"[course] using the {stage} model of lesson {spec.lesson[:2]} from {folder}: "
-                  f"built from {load_recipe(stage, profile).label}")
-        return folder
-    if not rebuild_allowed(rebuild):
-        raise StaleStageError(
-            f"the {stage} model cannot be used: {reason}. Run notebooks/{spec.lesson}.ipynb "
-            f"again to rebuild it (or unset {REBUILD_VARIABLE} to let this lesson rebuild it).")
-    if verbose:
-        print(f"[course] rebuilding the {stage} model of lesson {spec.lesson[:2]} because {reason}: "
-              f"{load_recipe(stage, profile).label}, {estimated_minutes(stage, profile)} ...")
-    build_stage(stage, profile, verbose=verbose)
-    return folder
-
-
-def build_stage(stage: str, profile, recipe: Recipe | None = None, verbose: bool = True) -> Path:
-    """Train ``stage`` from its recipe through the package's path and save it with its record."""
-    from course_utils import dpo, ppo, qlora_sft, reward_modeling
-
-    recipe = recipe or load_recipe(stage, profile)
-    builders = {"sft": qlora_sft.build_sft_model, "reward": reward_modeling.build_reward_model,
-                "ppo": ppo.build_ppo_model, "dpo": dpo.build_dpo_model}
-    start = time.perf_counter()
-    model, tokenizer, ran_with = builders[stage](profile, recipe, verbose=verbose)
-    return save_stage(stage, model, tokenizer, profile, recipe, ran_with,
-                      build_seconds=time.perf_counter() - start, built_by="rebuild")
-
-
-# --- what a run actually used, compared with its recipe -----------------------------------------
-
-def _plain(value):
-    """Enums (``SchedulerType.COSINE``) and sets as the plain values a recipe holds."""
-    value = getattr(value, "value", value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return sorted(value)
-    return value
-
-
-def ran_with(recipe: Recipe, args=None, peft_model=None, seed: int | None = None) -> dict:
-    """What a run used, read back from the objects that ran it: every ``training`` key of the
-    recipe from ``args`` (a trl config, or ``ppo.PPOConfig``), the LoRA settings from
-    ``peft_model``'s adapter config (``None`` without one), and the seed."""
-    used: dict = {}
-    if args is not None:
-        used["training"] = {key: _plain(getattr(args, key, "<missing>"))
-                            for key in recipe.values["training"]}
-        used["seed"] = getattr(args, "seed", seed)
-    else:
-        used["seed"] = seed
-    lora = None
-    config = getattr(peft_model, "peft_config", None)
-    if config:
-        adapter = config[getattr(peft_model, "active_adapter", "default")]
-        keys = recipe.values["lora"] or {}
-        lora = {key: _plain(getattr(adapter, key, "<missing>")) for key in keys}
-        if keys.get("target_modules") == "all-linear" and (
-                lora["target_modules"] == _all_linear_names(peft_model)):
-            lora["target_modules"] = "all-linear"  # peft expands the shorthand when it applies it
-    used["lora"] = lora
-    return used
-
-
-def _all_linear_names(peft_model) -> list[str]:
-    """The names of every linear layer but the output head: what peft's ``"all-linear"`` means."""
-    import bitsandbytes as bnb
-    import torch
-
-    names = set()
-    for name, module in peft_model.get_base_model().named_modules():
-        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and not any(
-                part in name for part in ("lm_head", "score", "lora_", "modules_to_save")):
-            names.add(name.removesuffix(".base_layer").split(".")[-1])
-    return sorted(names)
-
-
-def check_ran_with_recipe(stage: str, recipe: Recipe, used: dict) -> None:
-    """Raise ``RecipeMismatchError`` where what ran differs from the recipe."""
-    if recipe.changes:
-        raise RecipeMismatchError(
-            f"this {stage} run changes its recipe on purpose ({recipe.label}); only a run of the "
-            "recipe as written is saved as the stage's model")
-    expected = {"training": recipe.values["training"], "seed": recipe.values["seed"],
-                "lora": None if recipe.values.get("lora") is None else {
-                    key: _plain(value) for key, value in recipe.values["lora"].items()}}
-    if expected["lora"] and isinstance(expected["lora"].get("target_modules"), list):
-        expected["lora"]["target_modules"] = sorted(expected["lora"]["target_modules"])
-    differences = []
-    for key, value in expected["training"].items():
-        actual = used.get("training", {}).get(key)
-        if actual != value and not (isinstance(value, float) and isinstance(actual, (int, float))
-                                    and abs(actual - value) <= 1e-12 * max(1.0, abs(value))):
-            differences.append(f"training.{key}: recipe {value!r}, ran with {actual!r}")
-    if used.get("seed") != expected["seed"]:
-        differences.append(f"seed: recipe {expected['seed']!r}, ran with {used.get('seed')!r}")
-    if (expected["lora"] is None) != (used.get("lora") is None):
-        differences.append(f"lora: recipe {expected['lora']!r}, ran with {used.get('lora')!r}")
-    elif expected["lora"]:
-        for key, value in expected["lora"].items():
-            actual = used["lora"].get(key)
-            if key == "modules_to_save" and isinstance(actual, list):
-                # peft adds the head names it knows for the task type ("classifier", "score")
-                if set(value) <= set(actual):
-                    continue
-            if key == "target_modules" and value == "all-linear" and isinstance(actual, list):
-                # peft expands "all-linear" into the names of the model's linear layers (the
-                # output head excepted) and records the expansion
-                if actual and not any(name.split(".")[-1] in ("lm_head", "score")
-                                      for name in actual):
-                    continue
-            if actual != value:
-                differences.append(f"lora.{key}: recipe {value!r}, ran with {actual!r}")
-    if differences:
-        raise RecipeMismatchError(f"the {stage} model was not trained with {recipe.label}: "
-                                  + "; ".join(differences))
 
 
 def library_versions() -> dict:

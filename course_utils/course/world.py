@@ -46,6 +46,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from course_utils.course.paths import WORLD_DIR
+
 WORLD_SEED = 1234
 
 NAMES = [
@@ -639,7 +641,6 @@ def write_world(out_dir: str | Path, seed: int = WORLD_SEED) -> list[Path]:
 
 
 def main(argv=None) -> None:
-    from course_utils.course.paths import WORLD_DIR
 
     parser = argparse.ArgumentParser(description="Regenerate the synthetic world's data files.")
     parser.add_argument("--out", default=str(WORLD_DIR), help="output folder (default: data/world)")

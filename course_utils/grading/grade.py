@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from course_utils.grading.make_exercises import SOLUTIONS_DIR, cell_text
-from course_utils.grading.sandbox import Limits, clean_environment
+from course_utils.grading.sandbox import Limits, clean_environment, kill_strays
+from course_utils.grading.verdict import REPLY_FILE, REQUEST_FILE
 
 DEFAULT_CELL_TIMEOUT_S = 120
 DEFAULT_OUTPUT_LIMIT_CHARS = 20_000
@@ -222,7 +223,6 @@ def _kernel_pid(client) -> int | None:
 
 def _kill_strays(client) -> None:
     """After every cell and call: whatever the kernel forked and left running goes."""
-    from course_utils.grading.sandbox import kill_strays
 
     pid = _kernel_pid(client)
     if pid and sys.platform.startswith("linux"):
@@ -392,7 +392,6 @@ def _serve_judge(judge, client, notebook, workdir: Path, timeout_s: float, outpu
     import nbformat
     from nbclient.exceptions import DeadKernelError
 
-    from course_utils.grading.verdict import REPLY_FILE, REQUEST_FILE
 
     student_cells = len(notebook.cells)
     restarts = 0

@@ -36,6 +36,10 @@ import sys
 import traceback
 import types
 
+from course_utils.grading.checks import SEED_VARIABLE
+from course_utils.grading.make_exercises import cell_text
+from course_utils.grading.sandbox import stray_processes
+
 MAX_VALUE_BYTES = 64 * 1024 * 1024  # a reply larger than this is refused (a wrong answer)
 MAX_DEPTH = 32
 REQUEST_FILE, REPLY_FILE = "call-request.json", "call-reply.json"
@@ -256,7 +260,6 @@ def _end_stray_children() -> None:
     limit until reaped, and the kernel needs some for its own threads."""
     if not sys.platform.startswith("linux"):
         return
-    from course_utils.grading.sandbox import stray_processes
 
     for pid in stray_processes(os.getpgrp()):
         try:
@@ -280,7 +283,6 @@ def answer_names(solution: dict) -> list[str]:
     are not graded test cells): what the student writes and the tests call."""
     import ast
 
-    from course_utils.grading.make_exercises import cell_text
 
     names = []
     for cell in solution["cells"]:
@@ -338,7 +340,6 @@ class _Channel:
 def judge(solution_path: str, channel: _Channel, timeout_s: float) -> dict[str, list[str]]:
     """Run the solution's cells with forwarding stand-ins for its answer functions; return
     ``{grade_id: [status, message]}`` for every graded cell."""
-    from course_utils.grading.make_exercises import cell_text
 
     solution = json.loads(open(solution_path, encoding="utf-8").read())
     names = answer_names(solution)
@@ -415,7 +416,6 @@ def main(argv=None) -> int:
     """``python -m course_utils.grading.verdict TIMEOUT``: read ``{"grade": SOLUTION, "seed": N}`` lines
     from stdin, speak the call protocol for each and answer ``{"verdicts": ...}``, until stdin
     closes. Everything the cells print goes nowhere."""
-    from course_utils.grading.checks import SEED_VARIABLE
 
     timeout_s = float((argv or sys.argv[1:])[0])
     channel = _Channel(sys.stdin, sys.stdout)

@@ -1,1 +1,10 @@
-"""placeholder"""
+"""Running, testing and publishing the notebooks.
+
+- ``run_notebooks``: ``make run``, every lesson in order with papermill, and the run record.
+- ``pytest_notebooks``: the pytest plugin that makes each lesson a test (``make test``).
+- ``portability``: ``make portability``, each lesson under other seeds, thread counts and CPU
+  kernels, and the reports in ``portability/``.
+- ``site``: the executed course as a static site (``make site``).
+- ``colab``: the set-up cell every notebook opens with and ``set_up_colab``, which it calls on
+  Colab; ``python -m course_utils.notebook_tools.colab`` rewrites the cell and badges.
+"""

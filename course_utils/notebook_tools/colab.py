@@ -1,78 +1,102 @@
-"""The fixed opening of every notebook: the Colab badge and the Colab-only install cell.
+"""The fixed opening of every notebook: the Colab badge and the set-up cell, and what that cell calls.
 
-Each notebook carries a copy of ``INSTALL_CELL`` as its second cell (Colab must run it before
-``course_utils`` exists, so it cannot be imported); ``tests/test_repository.py`` fails
-when a copy drifts from this source, and ``python -m course_utils.notebook_tools.colab`` rewrites the copies.
-A fork runs ``python -m course_utils.notebook_tools.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
-setting, and ``set_repository`` rewrites it and every copy of it (badges, install cells, README).
+Each notebook carries a copy of ``SETUP_CELL`` as its second cell: on Colab it clones the course
+(``course_utils`` does not exist there before), then calls ``set_up_notebook``, which installs the
+pinned packages on Colab and, everywhere, hides three library notices no lesson discusses
+(``course_utils.hide_library_notices``). ``tests/test_repository.py`` fails when a copy drifts
+from this source; ``python -m course_utils.notebook_tools.colab`` rewrites the copies. A fork runs
+``python -m course_utils.notebook_tools.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
+setting, and ``set_repository`` rewrites it and every copy of it (badges, set-up cells, README).
+
+This module imports only the standard library: on Colab it runs before the pinned packages exist.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import course_utils
 from course_utils.course.paths import REPO_ROOT
 
 GITHUB_REPO = "fine-tuning-course/llm-finetuning-course"
 BRANCH = "main"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
-INSTALL_CELL = f'''\
-# Colab only: install the course's pinned packages and fetch the course. Does nothing elsewhere.
+COURSE_DIR = "/content/llm-finetuning-course"  # where the set-up cell clones the course on Colab
+DRIVE_ARTIFACTS = "/content/drive/MyDrive/llm-finetuning-course/artifacts"
+
+SETUP_CELL = f'''\
+# Set-up. On Colab: fetch the course and install its pinned packages. Everywhere: hide three library
+# notices that no lesson discusses. Both happen in course_utils/notebook_tools/colab.py.
+import subprocess
 import sys
 
 KEEP_MODELS_ON_DRIVE = False  # True: artifacts/ on Google Drive, so later lessons find 07-10's models
 
-if "google.colab" in sys.modules:
-    import os
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
+COURSE = "{COURSE_DIR}"
+if "google.colab" in sys.modules:  # the clone, once per runtime
+    clone = "git clone --depth 1 https://github.com/{GITHUB_REPO}"
+    subprocess.run(f"test -d {{COURSE}} || {{clone}} {{COURSE}}", shell=True, check=True)
+    sys.path.insert(0, COURSE)
+from course_utils.notebook_tools.colab import set_up_notebook  # noqa: E402 (after the clone)
 
-    if KEEP_MODELS_ON_DRIVE:  # each notebook gets a fresh runtime; the Drive folder outlives it
-        from google.colab import drive
+set_up_notebook(keep_models_on_drive=KEEP_MODELS_ON_DRIVE)'''
 
-        drive.mount("/content/drive")
-        os.environ["COURSE_ARTIFACTS"] = "/content/drive/MyDrive/llm-finetuning-course/artifacts"
 
-    COURSE_DIR = "/content/llm-finetuning-course"
-    REPOSITORY = "https://github.com/{GITHUB_REPO}"
-    if not os.path.isdir(COURSE_DIR):
-        subprocess.run(["git", "clone", "--depth", "1", REPOSITORY, COURSE_DIR], check=True)
-    requirements = f"{{COURSE_DIR}}/requirements-colab.txt"
+def on_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def install_pinned_packages(course_dir: str | None = None) -> None:
+    """pip-install ``requirements-colab.txt`` on top of Colab's own torch (pinned as a constraint,
+    so pip never replaces it with another multi-GB build); say whether to restart the runtime."""
+    course_dir = course_dir or COURSE_DIR
+    requirements = f"{course_dir}/requirements-colab.txt"
     packages = [line.split("==")[0] for line in open(requirements)
                 if line.strip() and not line.startswith("#")]
-
-    def installed(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    before = {{name: installed(name) for name in packages}}
-    # Pin Colab's own torch so pip can never replace it with another multi-GB build.
+    before = {name: installed_version(name) for name in packages}
     with open("/tmp/keep-torch.txt", "w") as constraint:
-        constraint.write(f"torch=={{version('torch')}}\\n")
+        constraint.write(f"torch=={version('torch')}\n")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-r", requirements,
                     "-c", "/tmp/keep-torch.txt"], check=True)
-    changed = [name for name in packages if installed(name) != before[name]]
+    changed = [name for name in packages if installed_version(name) != before[name]]
     imported = [name for name in changed if name.replace("-", "_") in sys.modules]
-    sys.path.insert(0, COURSE_DIR)
-    os.chdir(f"{{COURSE_DIR}}/notebooks")
     if imported:
         print("Upgraded packages that were already imported:", ", ".join(imported))
         print("Restart the runtime now (Runtime > Restart session), then run all cells again.")
     else:
-        print("Course ready:", COURSE_DIR, "| installed or upgraded:", ", ".join(changed) or "none")
-'''.rstrip("\n")
+        print("Course ready:", course_dir, "| installed or upgraded:", ", ".join(changed) or "none")
 
 
-def badge_markdown(notebook_path: str) -> str:
-    """The 'Open in Colab' badge for ``notebook_path`` (relative to the repository root)."""
-    url = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/{BRANCH}/{notebook_path}"
-    return f"[![Open In Colab]({BADGE_IMAGE})]({url})"
+def set_up_notebook(keep_models_on_drive: bool = False) -> None:
+    """What the set-up cell does after the clone. On Colab: keep ``artifacts/`` on Google Drive if
+    asked (each notebook gets a fresh runtime; the Drive folder outlives it), install the pinned
+    packages and work from the clone's ``notebooks/``. Everywhere: ``hide_library_notices()``,
+    before any cell imports bitsandbytes."""
+    if on_colab():
+        if keep_models_on_drive:
+            from google.colab import drive  # only exists on Colab
+
+            drive.mount("/content/drive")
+            os.environ["COURSE_ARTIFACTS"] = DRIVE_ARTIFACTS
+        install_pinned_packages()
+        os.chdir(f"{COURSE_DIR}/notebooks")
+    elif keep_models_on_drive:
+        print("KEEP_MODELS_ON_DRIVE applies on Colab only; here artifacts/ stays in the repository.")
+    course_utils.hide_library_notices()
 
 
 def course_notebooks() -> list:
@@ -81,15 +105,15 @@ def course_notebooks() -> list:
     return sorted(p for folder in folders for p in (REPO_ROOT / folder).glob("*.ipynb"))
 
 
-def sync_install_cells() -> list:
-    """Rewrite the install cell (the second cell) of every course notebook from ``INSTALL_CELL``;
+def sync_setup_cells() -> list:
+    """Rewrite the set-up cell (the second cell) of every course notebook from ``SETUP_CELL``;
     return the notebooks that changed."""
     changed = []
     for path in course_notebooks():
         notebook = json.loads(path.read_text())
         cell = notebook["cells"][1]
-        if "".join(cell["source"]) != INSTALL_CELL:
-            cell["source"] = INSTALL_CELL.splitlines(keepends=True)
+        if "".join(cell["source"]) != SETUP_CELL:
+            cell["source"] = SETUP_CELL.splitlines(keepends=True)
             path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
             changed.append(path)
     return changed
@@ -101,7 +125,7 @@ REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}
 def repository_files(root: Path = REPO_ROOT) -> list[Path]:
     """Every file that names the repository: this module, the README and the course notebooks."""
     folders = ("notebooks", "solutions", "exercises")
-    return [root / "course_utils" / "colab.py", root / "README.md",
+    return [root / "course_utils" / "notebook_tools" / "colab.py", root / "README.md",
             *sorted(p for folder in folders for p in (root / folder).glob("*.ipynb"))]
 
 
@@ -127,7 +151,7 @@ def main(argv: list[str]) -> int:
     if argv:
         print("usage: python -m course_utils.notebook_tools.colab [--repo owner/name]", file=sys.stderr)
         return 2
-    for path in sync_install_cells():
+    for path in sync_setup_cells():
         print(f"updated {path.relative_to(REPO_ROOT)}")
     return 0
 

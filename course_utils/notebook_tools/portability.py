@@ -54,9 +54,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from course_utils.course import paths
+from course_utils.course import paths, reporting
+from course_utils.course.reporting import format_value
+from course_utils.notebook_tools import run_notebooks
+from course_utils.notebook_tools.run_notebooks import lesson_notebooks, run_record
 
-REPORT_DIR = paths.REPO_ROOT / "portability"
 RECIPES_DIR = paths.REPO_ROOT / "configs" / "recipes"
 
 #: lessons whose models (``artifacts/models/``) a lesson uses: a change to one of them changes what
@@ -121,7 +123,6 @@ EXTRA_VARIATIONS = (
 
 
 def lesson_path(stem_or_number: str) -> Path:
-    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     for path in lesson_notebooks():
         if path.stem == stem_or_number or path.name[:2] == stem_or_number or path.name == stem_or_number:
@@ -145,18 +146,9 @@ def upstream_of(stem: str) -> list[str]:
     return [lesson_path(number).stem for number in UPSTREAM.get(stem[:2], ())]
 
 
-def report_path(stem: str) -> Path:
-    return REPORT_DIR / f"{stem}.json"
-
-
-def read_report(stem: str) -> dict | None:
-    path = report_path(stem)
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def why_stale(stem: str) -> str | None:
     """Why ``portability/<stem>.json`` no longer describes the lesson (``None`` when it does)."""
-    report = read_report(stem)
+    report = reporting.read_report(stem)
     if report is None:
         return "no report yet"
     if report["lesson_sha256"] != lesson_hash(lesson_path(stem)):
@@ -171,22 +163,6 @@ def why_stale(stem: str) -> str | None:
         if not path.exists() or file_hash(path) != digest:
             return f"configs/recipes/{name} changed after the report was made"
     return None
-
-
-def claim_in_reports(statement: str) -> tuple[str, dict] | None:
-    """``(lesson, its report's entry)`` for a claim's statement, from any lesson's report."""
-    for path in sorted(REPORT_DIR.glob("[0-9][0-9]_*.json")):
-        for claim in json.loads(path.read_text())["claims"]:
-            if claim["statement"] == statement:
-                return path.stem, claim
-    return None
-
-
-def describe_variations(stem: str) -> str:
-    report = read_report(stem)
-    if report is None:
-        return "no report"
-    return f"{', '.join(run['variation'] for run in report['runs'])}; on {report['machine']['cpu']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +357,6 @@ def _span(values: list) -> list:
 
 def summarize(stem: str, runs: list[dict]) -> dict:
     """One lesson's report from its runs (one per variation)."""
-    from course_utils.notebook_tools.run_notebooks import run_record
 
     claims: dict[str, dict] = {}
     checks: dict[str, dict] = {}
@@ -442,8 +417,8 @@ def summarize(stem: str, runs: list[dict]) -> dict:
 
 
 def write_report(stem: str, runs: list[dict]) -> Path:
-    REPORT_DIR.mkdir(exist_ok=True)
-    path = report_path(stem)
+    reporting.REPORT_DIR.mkdir(exist_ok=True)
+    path = reporting.report_path(stem)
     path.write_text(json.dumps(summarize(stem, runs), indent=1) + "\n")
     return path
 
@@ -451,7 +426,6 @@ def write_report(stem: str, runs: list[dict]) -> Path:
 def summary_markdown() -> str:
     """``portability/README.md``: one row per lesson, then every claim that did not hold
     everywhere, then the spread of each lesson's metrics."""
-    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     lines = ["# Portability report", "",
              "Made by `make portability` (`course_utils/notebook_tools/portability.py`, which says what each "
@@ -460,7 +434,7 @@ def summary_markdown() -> str:
              "was made, or when a claim did not hold in every run.", "",
              "| lesson | runs | claims held in every run | checks held in every run | minutes per run "
              "(reference) | machine | made |", "|---|---|---|---|---|---|---|"]
-    reports = {p.stem: read_report(p.stem) for p in lesson_notebooks()}
+    reports = {p.stem: reporting.read_report(p.stem) for p in lesson_notebooks()}
     for stem, report in reports.items():
         if report is None:
             lines.append(f"| {stem} | no report | | | | | |")
@@ -496,7 +470,6 @@ def summary_markdown() -> str:
 
 
 def _fmt(value) -> str:
-    from course_utils.course.reporting import format_value
 
     return format_value(value)
 
@@ -520,12 +493,11 @@ README_END = "<!-- end of the portability report -->"
 def readme_block() -> str:
     """The README's table of what varies between machines, from the reports: per lesson, the
     claims held in every run and the quantities that moved most (relative to their size)."""
-    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     lines = [README_BEGIN, "", "| lesson | runs | claims held in every run | what moved most between runs |",
              "|---|---|---|---|"]
     for path in lesson_notebooks():
-        report = read_report(path.stem)
+        report = reporting.read_report(path.stem)
         if report is None:
             lines.append(f"| {path.stem} | not yet run | | |")
             continue
@@ -545,8 +517,8 @@ def readme_block() -> str:
 
 
 def write_summary() -> Path:
-    REPORT_DIR.mkdir(exist_ok=True)
-    path = REPORT_DIR / "README.md"
+    reporting.REPORT_DIR.mkdir(exist_ok=True)
+    path = reporting.REPORT_DIR / "README.md"
     path.write_text(summary_markdown())
     readme = paths.REPO_ROOT / "README.md"
     text = readme.read_text()
@@ -560,7 +532,6 @@ def write_summary() -> Path:
 
 
 def _execute_child(notebook: str, parameters: str, target: str) -> int:
-    from course_utils.notebook_tools import run_notebooks
 
     try:
         run_notebooks.execute(Path(notebook), Path(target), profile="tiny",
@@ -589,7 +560,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.execute:
         return _execute_child(args.execute, args.parameters, args.target)
-    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     every = [p.stem for p in lesson_notebooks()]
     stale = {stem: why_stale(stem) for stem in every}
@@ -615,7 +585,7 @@ def main(argv=None) -> int:
     print(f"lessons: {', '.join(stems)}\nvariations: {', '.join(v.name for v in variations)}", flush=True)
     start = time.perf_counter()
     run(stems, variations, workers=args.workers, reuse=not args.rerun)
-    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; report in {REPORT_DIR}")
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; report in {reporting.REPORT_DIR}")
     return 0
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 
 from course_utils.course import paths
+from course_utils.notebook_tools import run_notebooks
+from course_utils.notebook_tools.run_notebooks import NotebookFailed
 
 #: seconds one cell may run before the notebook fails
 CELL_TIMEOUT_S = 900
@@ -31,12 +33,10 @@ class LessonNotebook(pytest.File):
 
 class LessonRun(pytest.Item):
     def runtest(self):
-        from course_utils.notebook_tools import run_notebooks
 
         run_notebooks.execute(self.path, cell_timeout=CELL_TIMEOUT_S)
 
     def repr_failure(self, excinfo, style=None):
-        from course_utils.notebook_tools.run_notebooks import NotebookFailed
 
         if isinstance(excinfo.value, NotebookFailed):
             return str(excinfo.value)

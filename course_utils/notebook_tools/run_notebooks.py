@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from course_utils.course import paths, reporting
+from course_utils.evaluation import pipeline_table
 
 #: the libraries whose versions an executed notebook records (what its numbers depend on)
 RECORDED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets",
@@ -121,7 +122,6 @@ def print_pipeline_table(path: Path | None = None) -> bool:
     whether it was found."""
     import json
 
-    from course_utils.evaluation import pipeline_table
 
     path = Path(path or paths.artifacts_dir("11_evaluation") / "pipeline.json")
     if not path.exists():

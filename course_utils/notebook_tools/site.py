@@ -35,6 +35,7 @@ from pathlib import Path
 
 from course_utils.course import paths
 from course_utils.notebook_tools.colab import GITHUB_REPO
+from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_HELP = ("the browser checks need Debian's Chromium at /usr/bin/chromium: run `make browser` "
@@ -182,7 +183,6 @@ CSS = """.course-progress { font-family: monospace; font-size: 0.85em; }
 def prepare(executed_dir: Path, src: Path) -> dict[str, dict]:
     """Write the site's sources into ``src``; return each lesson's run record."""
     lessons = sorted(executed_dir.glob("[0-9][0-9]_*.ipynb"))
-    from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
     expected = [p.name for p in lesson_notebooks()]
     missing = sorted(set(expected) - {p.name for p in lessons})

@@ -1,6 +1,6 @@
 """Build the course model: a byte-level BPE tokenizer and a small Llama pretrained on the world.
 
-Run ``python -m course_utils.course.build_course_model`` (about 6 minutes on 2 CPU cores). It writes
+Run ``python -m course_utils.builds.course_model`` (about 6 minutes on 2 CPU cores). It writes
 ``data/course-model/``:
 
 - ``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``: byte-level BPE trained
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from course_utils import probes
+from course_utils.course import world
 from course_utils.course.chat import TINYLLAMA_CHAT_TEMPLATE, render_chat
 from course_utils.course.paths import COURSE_MODEL_DIR, WORLD_DIR
 from course_utils.course.world import read_corpus
@@ -216,8 +218,6 @@ def build_tokenizer_and_model(cfg: BuildConfig, world_dir: Path = WORLD_DIR):
 
 def probe_report(model, tokenizer, world_dir: Path = WORLD_DIR) -> dict:
     """Fact completion (corpus and held-out templates) and chat-format rate of ``model``."""
-    from course_utils import probes
-    from course_utils.course import world
 
     w = world.generate_world(json.loads((world_dir / "world.json").read_text())["seed"])
     in_corpus = probes.fact_completion(model, tokenizer, list(w.characters),
@@ -240,7 +240,7 @@ def probe_report(model, tokenizer, world_dir: Path = WORLD_DIR) -> dict:
 MODEL_CARD = """# The course model
 
 A small `LlamaForCausalLM` pretrained from scratch on the synthetic world's corpus
-(`data/world/corpus.txt`) by `python -m course_utils.course.build_course_model`. It stands in for
+(`data/world/corpus.txt`) by `python -m course_utils.builds.course_model`. It stands in for
 TinyLlama-1.1B wherever the Hub cannot be reached: same architecture, module names,
 grouped-query attention, special tokens and chat template; 1/{ratio:,.0f} of the parameters.
 
