@@ -22,14 +22,11 @@ import torch.nn.functional as F
 from course_utils.course import data
 from course_utils.course.data import preference_rows
 from course_utils.course.models import (
-    bnb_config_from_recipe,
-    keep_cpu_4bit_weights_trainable,
-    load_model_and_tokenizer,
     load_tokenizer,
 )
 from course_utils.course.paths import artifacts_dir
 from course_utils.course.recipes import ran_with
-from course_utils.qlora_sft import merge_dtype, training_tokenizer
+from course_utils.qlora_sft import load_quantized, merge_dtype, training_tokenizer
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -82,7 +79,6 @@ def make_dpo_trainer(model, tokenizer, train_dataset, args, peft_config=None, ev
     with its adapter disabled."""
     from trl import DPOTrainer
 
-
     torch.manual_seed(args.seed)
     return DPOTrainer(model=model, args=args, train_dataset=preference_rows(train_dataset),
                       eval_dataset=None if eval_dataset is None else preference_rows(eval_dataset),
@@ -114,21 +110,9 @@ def pair_logprobs(model, trainer, split: str = "eval", batch_size: int = 32
 
 def load_dpo_policy(sft_dir, profile, recipe):
     """The SFT model as DPO's starting point: NF4 weights when the recipe's ``quantization``
-    section asks for them (QLoRA DPO), prepared for k-bit training, with bitsandbytes' CPU
-    repacking switched off (an evaluation pass before training would otherwise corrupt it; see
-    ``models.keep_cpu_4bit_weights_trainable``)."""
-    from peft import prepare_model_for_kbit_training
-
-
-    quantization = bnb_config_from_recipe(recipe)
-    model, _ = load_model_and_tokenizer(profile, model_name_or_path=sft_dir,
-                                        load_in_4bit=quantization is not None,
-                                        quantization_config=quantization)
-    if quantization is not None:
-        keep_cpu_4bit_weights_trainable(model)
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.training.get("activation_checkpointing", False))
-    return model
+    section asks for them (QLoRA DPO), prepared as lesson 07 prepares its base
+    (``qlora_sft.load_quantized``)."""
+    return load_quantized(profile, recipe, model_name_or_path=sft_dir)[0]
 
 
 def merge_dpo_adapter(sft_dir, adapter_dir, profile):
@@ -136,7 +120,6 @@ def merge_dpo_adapter(sft_dir, adapter_dir, profile):
     (fp32 on the CPU, fp16 on a GPU; never the 4-bit weights it trained against) and merged."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
 
     base = AutoModelForCausalLM.from_pretrained(str(sft_dir), dtype=merge_dtype(profile)).to(
         profile.device)

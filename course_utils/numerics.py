@@ -39,6 +39,13 @@ def check_close(mine, reference, atol: float = 1e-6, rtol: float = 1e-5,
     return error
 
 
+def gather_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` at each position: a log-softmax over the vocabulary (in fp32), then each
+    target's entry. The caller aligns ``logits`` with ``targets`` (position ``t`` predicts token
+    ``t + 1``). Lesson 10's ``sequence_logprobs`` writes the same two steps out in its cell."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Log-probability of each token given the ones before it, shaped like ``input_ids[:, 1:]``.
@@ -46,10 +53,8 @@ def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Position ``t`` of the logits predicts token ``t + 1``, hence the shift by one; positions that
     predict padding are set to 0 (mask them with ``attention_mask[:, 1:]``).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return log_probs * attention_mask[:, 1:]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return gather_log_probs(logits, input_ids[:, 1:]) * attention_mask[:, 1:]
 
 
 @torch.no_grad()

@@ -26,7 +26,6 @@ from course_utils.course import world
 from course_utils.course.chat import assistant_only_labels, padding_side
 from course_utils.course.models import (
     check_4bit_support,
-    keep_cpu_4bit_weights_trainable,
     load_model_and_tokenizer,
     load_tokenizer,
     parameter_count,
@@ -37,6 +36,7 @@ from course_utils.course.profiles import get_profile, tiny_profile
 from course_utils.course.recipes import load_recipe
 from course_utils.numerics import heldout_loss
 from course_utils.peft_scratch import add_houlsby_adapters
+from course_utils.qlora_sft import prepare_for_qlora
 from course_utils.sft_loop import pad_batch, train_sft
 
 METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "dora", "ia3",
@@ -150,9 +150,7 @@ def quantized_copy(base_model, recipe=None):
     """``base_model``'s weights with every linear layer but the LM head stored in NF4 (lesson 06),
     prepared for QLoRA as lesson 07 does (``prepare_model_for_kbit_training`` without
     checkpointing), on the CPU in fp32: the recipe's ``methods.qlora`` quantization settings."""
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
 
     check_4bit_support("cpu")
     settings = (recipe or methods_recipe()).methods["qlora"]
@@ -164,8 +162,7 @@ def quantized_copy(base_model, recipe=None):
                                                      dtype=torch.float32, device_map={"": "cpu"})
     # the base's own folder, not the deleted copy's (peft reads its config when saving)
     model.config._name_or_path = model.name_or_path = base_model.name_or_path
-    keep_cpu_4bit_weights_trainable(model)  # lesson 07: a bitsandbytes CPU pitfall
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_for_qlora(model, activation_checkpointing=False)
 
 
 class quiet_progress:
@@ -258,7 +255,7 @@ class MethodResult:
 
 
 SOURCES_OF_A_RUN = ("peft_comparison", "peft_scratch", "sft_loop", "numerics", "probes", "course.chat",
-                    "evaluation", "course.world")
+                    "evaluation", "course.world", "qlora_sft", "course.models")
 
 
 def run_key(name: str, base_model, train_chats, test_chats, questions, recipe, steps: int) -> str:
@@ -300,7 +297,6 @@ def forgetting_probes(model, tokenizer) -> dict[str, float]:
     """
     import math
     import random
-
 
     model.eval()
     passages = world.read_corpus(WORLD_DIR / "corpus.txt")
@@ -405,7 +401,6 @@ def scale_rows(profile, names, chats, recipe=None) -> list[dict]:
     also one training step on ``chats`` (seconds, and peak GPU memory on CUDA). Under ``tiny``,
     TinyLlama's config on the meta device: counts only, exact, nothing downloaded."""
     from transformers import AutoModelForCausalLM
-
 
     recipe = recipe or methods_recipe()
     with_weights = profile.name != "tiny"

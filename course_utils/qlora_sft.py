@@ -21,6 +21,7 @@ import copy
 from pathlib import Path
 
 import torch
+from peft import prepare_model_for_kbit_training
 
 from course_utils import probes
 from course_utils.course import data
@@ -124,21 +125,30 @@ def sft_config(recipe, output_dir: str | Path, profile: Profile):
         dataloader_num_workers=0, ddp_find_unused_parameters=False, disable_tqdm=False)
 
 
-def load_quantized_base(profile: Profile, recipe, model_name_or_path: str | Path | None = None):
-    """The base model for QLoRA: NF4 weights as the recipe's ``quantization`` section says (else
-    plain weights in the recipe's precision), prepared for k-bit training
-    (``prepare_model_for_kbit_training``: norms in fp32, input gradients for checkpointing)."""
-    from peft import prepare_model_for_kbit_training
+def prepare_for_qlora(model, activation_checkpointing: bool):
+    """Lesson 07's two steps after an NF4 load, written once for every path that trains on 4-bit
+    weights (SFT, DPO, lesson 05's QLoRA row): bitsandbytes' CPU repacking switched off
+    (``models.keep_cpu_4bit_weights_trainable``), then ``prepare_model_for_kbit_training`` (norms in
+    fp32, input gradients for checkpointing) with the recipe's ``activation_checkpointing``."""
+    keep_cpu_4bit_weights_trainable(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
 
 
+def load_quantized(profile: Profile, recipe, model_name_or_path: str | Path | None = None):
+    """``(model, tokenizer)``: NF4 weights as the recipe's ``quantization`` section says, prepared
+    for QLoRA (``prepare_for_qlora``); plain weights in the profile's precision without one."""
     quantization = bnb_config_from_recipe(recipe)
     model, tokenizer = load_model_and_tokenizer(
         profile, load_in_4bit=quantization is not None, quantization_config=quantization,
         model_name_or_path=model_name_or_path)
     if quantization is not None:
-        keep_cpu_4bit_weights_trainable(model)  # a bitsandbytes CPU pitfall, see its docstring
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.training.get("gradient_checkpointing", False))
+        model = prepare_for_qlora(model, recipe.training["activation_checkpointing"])
+    return model, tokenizer
+
+
+def load_quantized_base(profile: Profile, recipe, model_name_or_path: str | Path | None = None):
+    """The base model for QLoRA SFT (``load_quantized``), its generation cache off for training."""
+    model, tokenizer = load_quantized(profile, recipe, model_name_or_path)
     model.config.use_cache = False  # the cache is for generation, and checkpointing refuses it
     return model, tokenizer
 

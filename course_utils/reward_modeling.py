@@ -96,7 +96,6 @@ def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None)
     added here, and every trainable weight (LoRA and the ``score`` head) kept in fp32."""
     from trl import RewardTrainer
 
-
     torch.manual_seed(args.seed)
     if peft_config is not None:
         from peft import get_peft_model

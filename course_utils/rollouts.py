@@ -15,6 +15,7 @@ import torch
 
 from course_utils.course.chat import padding_side, render_chat, truncation_side
 from course_utils.course.world import ATTRIBUTE_VALUES, UNSAFE_INSTRUCTION_MARKERS, generate_world
+from course_utils.numerics import gather_log_probs
 from course_utils.probes import mentions_value
 
 
@@ -33,8 +34,7 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    output_hidden_states=value_head is not None)
     logits = output.logits[:, response_start - 1:-1].float() / temperature
-    targets = input_ids[:, response_start:]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = gather_log_probs(logits, input_ids[:, response_start:])
     values = None
     if value_head is not None:
         values = value_head(output.hidden_states[-1][:, response_start - 1:-1])

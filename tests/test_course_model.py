@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from course_utils.builds import course_model as build
 from course_utils import evaluation, probes
+from course_utils.builds import course_model as build
 from course_utils.course import world
 from course_utils.course.paths import COURSE_MODEL_DIR, WORLD_DIR
 

@@ -130,7 +130,8 @@ def run_setup_cell(monkeypatch, tmp_path, on_colab: bool, keep_models_on_drive: 
         (clone / "notebooks").mkdir(parents=True)
         (clone / "requirements-colab.txt").write_text((REPO_ROOT / "requirements-colab.txt").read_text())
         monkeypatch.setattr(colab, "COURSE_DIR", str(clone))
-    cell = SETUP_CELL.replace("KEEP_MODELS_ON_DRIVE = False", f"KEEP_MODELS_ON_DRIVE = {keep_models_on_drive}")
+    cell = SETUP_CELL.replace("KEEP_MODELS_ON_DRIVE = False",
+                              f"KEEP_MODELS_ON_DRIVE = {keep_models_on_drive}")
     exec(compile(cell, "set-up-cell", "exec"), {"subprocess": colab.subprocess})
     return commands, mounts
 
@@ -283,6 +284,7 @@ def test_one_command_points_a_fork_everywhere(tmp_path):
     for path in repository_files(tmp_path):
         text = path.read_text()
         assert GITHUB_REPO not in text and "someone/their-fork" in text, path.name
-    assert 'GITHUB_REPO = "someone/their-fork"' in (tmp_path / "course_utils" / "notebook_tools" / "colab.py").read_text()
+    fork_setting = (tmp_path / "course_utils" / "notebook_tools" / "colab.py").read_text()
+    assert 'GITHUB_REPO = "someone/their-fork"' in fork_setting
     with pytest.raises(ValueError):
         set_repository("not a repo", root=tmp_path)

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from course_utils import pipeline
 from course_utils.course import paths, recipes, stages
 from course_utils.course.profiles import tiny_profile
 

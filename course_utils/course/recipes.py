@@ -322,7 +322,6 @@ def rehearsal_caps() -> dict:
     from being the colab path."""
     import yaml
 
-
     path = recipes_dir() / REHEARSAL / "caps.yaml"
     caps = yaml.safe_load(path.read_text()) if path.exists() else None
     if not isinstance(caps, dict):

@@ -392,7 +392,6 @@ def _serve_judge(judge, client, notebook, workdir: Path, timeout_s: float, outpu
     import nbformat
     from nbclient.exceptions import DeadKernelError
 
-
     student_cells = len(notebook.cells)
     restarts = 0
     while True:

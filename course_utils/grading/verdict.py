@@ -283,7 +283,6 @@ def answer_names(solution: dict) -> list[str]:
     are not graded test cells): what the student writes and the tests call."""
     import ast
 
-
     names = []
     for cell in solution["cells"]:
         meta = cell.get("metadata", {}).get("course", {})

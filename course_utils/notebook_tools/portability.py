@@ -25,10 +25,10 @@ date, the machine, the library versions and the hashes of the lesson, of the les
 it uses and of every recipe it read. ``tests/test_portability.py`` fails when any of them changed
 after the report was made, and when a claim did not hold in every run.
 
-    python -m course_utils.notebook_tools.portability                 # every lesson whose report is stale or missing
-    python -m course_utils.notebook_tools.portability 09_ppo_rlhf     # this lesson (and no other)
-    python -m course_utils.notebook_tools.portability --all           # every lesson
-    python -m course_utils.notebook_tools.portability --check         # say which reports are stale; exit 1 if any
+    python -m course_utils.notebook_tools.portability              # every lesson whose report is stale
+    python -m course_utils.notebook_tools.portability 09_ppo_rlhf  # this lesson (and no other)
+    python -m course_utils.notebook_tools.portability --all        # every lesson
+    python -m course_utils.notebook_tools.portability --check      # which reports are stale; exit 1 if any
 
 Lessons run side by side, one thread each (two workers on two cores), then the variations with
 more threads one lesson at a time, each variation in ``artifacts/portability/<variation>/``, so

@@ -1,5 +1,5 @@
-"""pytest plugin (``-p course_utils.notebook_tools.pytest_notebooks``, set in ``pyproject.toml``): every lesson
-notebook in ``notebooks/`` is a test, executed as ``make run`` executes it
+"""pytest plugin (``-p course_utils.notebook_tools.pytest_notebooks``, set in ``pyproject.toml``):
+every lesson notebook in ``notebooks/`` is a test, executed as ``make run`` executes it
 (``run_notebooks.execute``, papermill), so that ``make test`` leaves the executed course in
 ``artifacts/executed/`` for ``make site``: the course runs once per run, not twice.
 

@@ -2,9 +2,10 @@
 pipeline table of lesson 11.
 
 ``make run`` calls this, and ``make test`` executes each lesson through the same ``execute``
-(``course_utils.notebook_tools.pytest_notebooks``). Executed copies go to ``artifacts/executed/``, each with the
-date, profile and library versions it ran with in its metadata (``make site`` publishes them); the
-profile comes from ``COURSE_PROFILE`` (unset: each notebook's ``PROFILE = "auto"``). A failing
+(``course_utils.notebook_tools.pytest_notebooks``). Executed copies go to ``artifacts/executed/``,
+each with the date, profile and library versions it ran with in its metadata (``make site``
+publishes them); the profile comes from ``COURSE_PROFILE`` (unset: each notebook's
+``PROFILE = "auto"``). A failing
 notebook stops the run with the path of its executed copy, where the failing cell's traceback is.
 """
 
@@ -121,7 +122,6 @@ def print_pipeline_table(path: Path | None = None) -> bool:
     held-out sets, with 95% intervals (Wilson for shares, resampling characters for scores). Returns
     whether it was found."""
     import json
-
 
     path = Path(path or paths.artifacts_dir("11_evaluation") / "pipeline.json")
     if not path.exists():

@@ -15,10 +15,10 @@ executed; the README (setup, grading, maintenance); the course map as the landin
 date, profile and library versions each lesson ran with. Progress bars are ipywidgets in a live
 kernel; here each becomes a static bar drawn from the widget state the executed notebook saved.
 
-``python -m course_utils.notebook_tools.site`` builds into ``artifacts/site/html/``; ``--check`` then opens every
-page in headless Chromium (``check``): console errors, missing or empty images, internal links and
-anchors that do not resolve, error outputs and tracebacks, and screenshots of the landing page and a
-lesson under ``artifacts/site/screenshots/``.
+``python -m course_utils.notebook_tools.site`` builds into ``artifacts/site/html/``; ``--check``
+then opens every page in headless Chromium (``check``): console errors, missing or empty images,
+internal links and anchors that do not resolve, error outputs and tracebacks, and screenshots of
+the landing page and a lesson under ``artifacts/site/screenshots/``.
 """
 
 from __future__ import annotations
