@@ -61,9 +61,7 @@ def dpo_config(recipe, output_dir, profile):
     seed, and the course's plumbing."""
     from trl import DPOConfig
 
-    return DPOConfig(output_dir=str(output_dir), **recipe.training, **recipe.precision_flags(),
-                     use_cpu=profile.use_cpu, seed=recipe.seed, data_seed=recipe.seed,
-                     report_to="none", dataloader_num_workers=0)
+    return DPOConfig(output_dir=str(output_dir), **recipe.training, **recipe.trainer_plumbing(profile))
 
 
 def dpo_peft_config(recipe):

@@ -119,10 +119,9 @@ def sft_config(recipe, output_dir: str | Path, profile: Profile):
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(output_dir), **recipe.training, **recipe.precision_flags(),
-        use_cpu=profile.use_cpu, seed=recipe.seed, data_seed=recipe.seed,
-        activation_checkpointing_kwargs={"use_reentrant": False}, report_to="none",
-        dataloader_num_workers=0, ddp_find_unused_parameters=False, disable_tqdm=False)
+        output_dir=str(output_dir), **recipe.training, **recipe.trainer_plumbing(profile),
+        activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
+        disable_tqdm=False)
 
 
 def prepare_for_qlora(model, activation_checkpointing: bool):

@@ -76,9 +76,8 @@ def reward_config(recipe, output_dir, profile):
     trl 1.x defaults to bf16) and seed, and the course's plumbing."""
     from trl import RewardConfig
 
-    return RewardConfig(output_dir=str(output_dir), **recipe.training, **recipe.precision_flags(),
-                        use_cpu=profile.use_cpu, seed=recipe.seed, data_seed=recipe.seed,
-                        report_to="none", dataloader_num_workers=0)
+    return RewardConfig(output_dir=str(output_dir), **recipe.training,
+                        **recipe.trainer_plumbing(profile))
 
 
 def reward_peft_config(recipe):

@@ -31,8 +31,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+import course_utils  # noqa: E402
+
+course_utils.hide_library_notices()  # before qlora_sft imports peft, and peft bitsandbytes
 from course_utils import qlora_sft  # noqa: E402
-from course_utils.course import data, recipes
+from course_utils.course import data, recipes  # noqa: E402
 from course_utils.course.profiles import PROFILE_NAMES, get_profile  # noqa: E402
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+import course_utils
+
+course_utils.hide_library_notices()  # as every notebook's set-up cell does
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -240,3 +240,37 @@ def test_trl_keeps_a_4bit_models_adapters_in_bf16_whatever_the_precision():
     trainer = qlora_sft.make_trainer(model, tokenizer, chats, recipe, profile, "/tmp/unused-sft")
     dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     assert dtypes == {torch.bfloat16}
+
+
+def test_the_rebuild_path_trains_with_the_recipes_activation_checkpointing(monkeypatch, tmp_path):
+    """Lesson 07's model rebuilt through ``pipeline.BUILDERS["sft"]`` (as ``ensure_stage`` and
+    ``scripts/sft.py`` build it) prepares its NF4 base with the recipe's ``activation_checkpointing``
+    and trains with it. It once read ``gradient_checkpointing``, a key the schema no longer allows,
+    so checkpointing never reached ``prepare_model_for_kbit_training`` on the colab recipe."""
+    from course_utils import pipeline
+    from course_utils.course import paths
+
+    monkeypatch.setattr(paths, "ARTIFACTS_DIR", tmp_path)
+    prepared, trained = [], []
+    real_prepare, real_train = qlora_sft.prepare_model_for_kbit_training, qlora_sft.make_trainer
+
+    def prepare(model, use_gradient_checkpointing=True, **kwargs):
+        prepared.append(use_gradient_checkpointing)
+        return real_prepare(model, use_gradient_checkpointing=use_gradient_checkpointing, **kwargs)
+
+    def make_trainer(model, *args, **kwargs):
+        trainer = real_train(model, *args, **kwargs)
+        trained.append((trainer.args.activation_checkpointing,
+                        trainer.model.get_base_model().is_activation_checkpointing))
+        return trainer
+
+    monkeypatch.setattr(qlora_sft, "prepare_model_for_kbit_training", prepare)
+    monkeypatch.setattr(qlora_sft, "make_trainer", make_trainer)
+    profile = tiny_profile()
+    for flag in (True, False):
+        recipe = load_recipe("sft", profile).with_changes(
+            training={"max_steps": 1, "activation_checkpointing": flag})
+        _, _, used = pipeline.BUILDERS["sft"](profile, recipe, {}, verbose=False)
+        assert used["training"]["activation_checkpointing"] is flag
+    assert prepared == [True, False]
+    assert trained == [(True, True), (False, False)]

@@ -259,6 +259,15 @@ class Recipe:
         dtype = self.torch_dtype()
         return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
+    def trainer_plumbing(self, profile) -> dict:
+        """What every trl config the course builds takes besides the ``training`` section: the
+        precision flags, the recipe's seed (for the run and its data order), the CPU switch, and no
+        reports or worker processes. One source for ``SFTConfig``, ``RewardConfig`` and
+        ``DPOConfig`` (``qlora_sft.sft_config``, ``reward_modeling.reward_config``,
+        ``dpo.dpo_config``)."""
+        return {**self.precision_flags(), "use_cpu": profile.use_cpu, "seed": self.seed,
+                "data_seed": self.seed, "report_to": "none", "dataloader_num_workers": 0}
+
     def as_dict(self) -> dict:
         return copy.deepcopy(self.values)
 
