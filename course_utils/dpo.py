@@ -8,8 +8,8 @@ on the course's preference pairs.
   ``DPOConfig``/``DPOTrainer`` and peft's ``LoraConfig`` from the ``dpo`` recipe, on the SFT model
   in 4-bit when the recipe quantizes (lesson 10 builds the same objects in its cells);
 - ``pair_logprobs``: every pair's log-probabilities, collated exactly as the trainer does;
-- ``merge_dpo_adapter`` / ``build_dpo_model``: the adapter merged into the full-precision SFT
-  model, and the lesson's recipe in one call, for ``pipeline.ensure_stage("dpo")``.
+- ``stack_dpo_adapter`` / ``build_dpo_model``: the adapter on the full-precision SFT model (to be
+  merged), and the lesson's recipe in one call, for ``pipeline.ensure_stage("dpo")``.
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ def load_dpo_policy(sft_dir, profile, recipe):
     return load_quantized(profile, recipe, model_name_or_path=sft_dir)[0]
 
 
-def merge_dpo_adapter(sft_dir, adapter_dir, profile):
+def stack_dpo_adapter(sft_dir, adapter_dir, profile):
     """The literature's stacking: the DPO adapter loaded onto the SFT model in full precision
-    (fp32 on the CPU, fp16 on a GPU; never the 4-bit weights it trained against) and merged."""
+    (fp32 on the CPU, fp16 on a GPU; never the 4-bit weights it trained against). Returns the
+    peft model, unmerged: ``.merge_and_unload()`` folds the adapter into the weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -139,5 +140,5 @@ def build_dpo_model(profile, recipe, parents: dict[str, Path], verbose: bool = T
     trainer.train()
     used = ran_with(recipe, trainer.args, trainer.model)
     trainer.save_model(str(output_dir / "adapter"))
-    merged = merge_dpo_adapter(sft_dir, output_dir / "adapter", profile).merge_and_unload()
+    merged = stack_dpo_adapter(sft_dir, output_dir / "adapter", profile).merge_and_unload()
     return merged, tokenizer, used

@@ -8,7 +8,7 @@ the real thing: the model instantiated on the ``meta`` device, and peft's traina
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -199,11 +199,6 @@ class MemoryEstimate:
     def total(self) -> float:
         return (self.weights + self.gradients + self.optimizer_states + self.master_weights
                 + self.activations)
-
-    def in_gb(self) -> dict[str, float]:
-        """Every component and the total in decimal GB."""
-        parts = {k: v / GB for k, v in asdict(self).items()}
-        return {**parts, "total": self.total / GB}
 
 
 def training_memory(n_params: int, trainable_params: int | None = None, *,

@@ -379,10 +379,6 @@ def results_table(results: list[MethodResult]) -> str:
     return "\n".join(rows)
 
 
-def results_json(results: list[MethodResult]) -> str:
-    return json.dumps([asdict(r) for r in results], indent=1)
-
-
 # --- what scales: the same methods on the profile's large model ---------------------------------
 
 def where_it_runs(profile) -> str:

@@ -120,7 +120,6 @@ def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int | 
     Replies are cut at ``max_new_tokens``, by default the evaluation recipe's (``chat``
     section): every lesson asks the world's questions the same way."""
     if max_new_tokens is None:
-
         max_new_tokens = load_recipe("evaluation", "tiny").chat["max_new_tokens"]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q["question"]}],
                                              tokenize=False, add_generation_prompt=True)

@@ -8,6 +8,7 @@ from conftest import read_jsonl
 from course_utils.course import data
 from course_utils.course.paths import WORLD_DIR
 from course_utils.course.profiles import tiny_profile
+from course_utils.course.recipes import load_recipe
 
 
 def test_ultrachat_sample_loads_through_the_hub_code_path():
@@ -16,7 +17,7 @@ def test_ultrachat_sample_loads_through_the_hub_code_path():
     assert set(rows.column_names) == {"prompt", "prompt_id", "messages"}
     again = data.load_ultrachat(data.ULTRACHAT_SAMPLE, n_rows=2, seed=42)
     assert rows["prompt_id"] == again["prompt_id"]  # seeded shuffle
-    all_rows = data.load_ultrachat(data.ULTRACHAT_SAMPLE, n_rows=3000)
+    all_rows = data.load_ultrachat(data.ULTRACHAT_SAMPLE, n_rows=3000, seed=0)
     assert len(all_rows) == 3  # n_rows larger than the data set takes everything
 
 
@@ -32,7 +33,8 @@ def test_orca_pairs_are_filtered_as_in_the_literature():
     expected_inputs = [r["input"] for r in raw if r["status"] != "tie"
                        and r["chosen_score"] >= 8 and not r["in_gsm8k_train"]]
     assert len(expected_inputs) == 2
-    pairs = data.load_orca_dpo_pairs(data.ORCA_DPO_SAMPLE)
+    pairs = data.load_orca_dpo_pairs(
+        data.ORCA_DPO_SAMPLE, min_chosen_score=load_recipe("data", "colab").preferences["min_chosen_score"])
     assert [p["prompt"][-1]["content"] for p in pairs] == expected_inputs
     assert set(pairs.column_names) == {"prompt", "chosen", "rejected"}
     with_system = pairs[0]
@@ -81,4 +83,4 @@ def test_malformed_file_names_the_row(tmp_path):
 
 def test_missing_file_says_how_to_regenerate(tmp_path):
     with pytest.raises(FileNotFoundError, match="course_utils.course.world"):
-        data.load_ultrachat(tmp_path / "missing.jsonl")
+        data.load_ultrachat(tmp_path / "missing.jsonl", n_rows=1, seed=0)

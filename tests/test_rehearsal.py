@@ -212,7 +212,8 @@ def test_hub_loaders_fetch_one_split(monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    for loader in (lambda: data.load_ultrachat(split="test_sft"), data.load_orca_dpo_pairs,
+    for loader in (lambda: data.load_ultrachat(split="test_sft", n_rows=3, seed=0),
+                   lambda: data.load_orca_dpo_pairs(min_chosen_score=8.0),
                    lambda: data.load_mmlu_subset(10)):
         with pytest.raises(RuntimeError, match="stop"):
             loader()

@@ -37,7 +37,6 @@ TINYLLAMA_CHAT_TEMPLATE = (
 
 ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 EOS_TOKEN = "</s>"
-BOS_TOKEN = "<s>"
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False,

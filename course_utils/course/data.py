@@ -16,10 +16,12 @@ Tests pass the shipped samples in ``data/samples/`` so the Hub code path runs wi
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from course_utils.course.paths import SAMPLES_DIR, WORLD_DIR
 from course_utils.course.profiles import Profile
+from course_utils.course.recipes import load_recipe
 from course_utils.course.rehearsal import FILES
 
 ULTRACHAT_ID = "HuggingFaceH4/ultrachat_200k"
@@ -99,9 +101,10 @@ def validate_sft_rows(dataset) -> None:
         validate_messages(row["messages"], f"row {index}")
 
 
-def load_ultrachat(path_or_id: str | Path = ULTRACHAT_ID, split: str = "test_sft",
-                   n_rows: int = 3000, seed: int = 42):
-    """``n_rows`` UltraChat chats, shuffled with ``seed``: the literature's QLoRA SFT subset."""
+def load_ultrachat(path_or_id: str | Path = ULTRACHAT_ID, split: str = "test_sft", *, n_rows: int,
+                   seed: int):
+    """``n_rows`` UltraChat chats of ``split``, shuffled with ``seed`` (the colab data recipe's
+    ``sft`` section: the literature's QLoRA SFT subset)."""
     dataset = _load(path_or_id, split).shuffle(seed=seed)
     dataset = dataset.select(range(min(n_rows, len(dataset))))
     validate_sft_rows(dataset)
@@ -114,9 +117,10 @@ def load_sft_dataset(profile: Profile, split: str = "train"):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if profile.data_source == "hub":
+        selection = load_recipe("data", profile).sft
         hub_split = "test_sft" if split == "train" else "test_gen"
         return load_ultrachat(hub_source(profile, f"sft_{split}", ULTRACHAT_ID), split=hub_split,
-                              n_rows=3000 if split == "train" else 200, seed=profile.seed)
+                              n_rows=selection[f"{split}_rows"], seed=selection["seed"])
     dataset = _load(WORLD_DIR / f"sft_{split}.jsonl", "train")
     validate_sft_rows(dataset)
     return dataset
@@ -138,29 +142,34 @@ def orca_pair_to_conversation(row: dict) -> dict:
             "rejected": [{"role": "assistant", "content": row["rejected"]}]}
 
 
-def keep_orca_pair(row: dict, min_chosen_score: float = 8.0) -> bool:
+def keep_orca_pair(row: dict, min_chosen_score: float) -> bool:
     """The literature's filter: no ties, a chosen score of at least 8, and not in GSM8K's train
     split (which would contaminate a GSM8K evaluation)."""
     return (row["status"] != "tie" and row["chosen_score"] is not None
             and row["chosen_score"] >= min_chosen_score and not row["in_gsm8k_train"])
 
 
-def load_orca_dpo_pairs(path_or_id: str | Path = ORCA_DPO_ID, split: str = "train"):
+def load_orca_dpo_pairs(path_or_id: str | Path = ORCA_DPO_ID, *, min_chosen_score: float,
+                        split: str = "train"):
     """The filtered Orca DPO pairs in trl's conversational schema."""
-    dataset = _load(path_or_id, split).filter(keep_orca_pair)
+    dataset = _load(path_or_id, split).filter(keep_orca_pair,
+                                              fn_kwargs={"min_chosen_score": min_chosen_score})
     return dataset.map(orca_pair_to_conversation, remove_columns=dataset.column_names)
 
 
 def load_preference_dataset(profile: Profile, split: str = "train"):
     """Preference pairs for ``profile``: the world's pairs (with ``axis``) or Orca DPO pairs.
 
-    The Orca data set has one split; ``test`` is its last 10% after a seeded shuffle.
+    The Orca data set has one split; ``test`` is the colab data recipe's held-out fraction of it,
+    after a seeded shuffle.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if profile.data_source == "hub":
-        parts = load_orca_dpo_pairs(hub_source(profile, "preferences", ORCA_DPO_ID)
-                                    ).train_test_split(test_size=0.1, seed=profile.seed)
+        selection = load_recipe("data", profile).preferences
+        parts = load_orca_dpo_pairs(hub_source(profile, "preferences", ORCA_DPO_ID),
+                                    min_chosen_score=selection["min_chosen_score"]).train_test_split(
+            test_size=selection["test_fraction"], seed=selection["seed"])
         return parts[split]
     return _load(WORLD_DIR / f"preferences_{split}.jsonl", "train")
 
@@ -194,28 +203,24 @@ def load_mmlu_subset(n_rows: int = 200, path_or_id: str | Path = MMLU_ID, seed: 
 
 def fingerprint(profile: Profile, kind: str) -> str:
     """What a stage trains on, as a string that changes when the data does: the hash of the world's
-    file, or the Hub data set and the selection the loader makes. ``kind``: ``"sft"`` or
-    ``"preferences"``."""
-    import hashlib
-
+    file, or the Hub data set (or the rehearsal's sample of it) and the hash of the data recipe
+    that selects from it. ``kind``: ``"sft"`` or ``"preferences"``."""
     if kind not in ("sft", "preferences"):
         raise ValueError(f"kind must be 'sft' or 'preferences', got {kind!r}")
-    if profile.hub_data_dir is not None:
-
-        path = Path(profile.hub_data_dir) / FILES["sft_train" if kind == "sft" else kind]
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     if profile.data_source == "hub":
-        if kind == "sft":
-            return f"hub:{ULTRACHAT_ID}:test_sft:3000 rows shuffled with seed {profile.seed}"
-        return (f"hub:{ORCA_DPO_ID}:train filtered (keep_orca_pair), 90% after a shuffle with "
-                f"seed {profile.seed}")
+        if profile.hub_data_dir is not None:
+            path = Path(profile.hub_data_dir) / FILES["sft_train" if kind == "sft" else kind]
+            source = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            source = "hub:" + (ULTRACHAT_ID if kind == "sft" else ORCA_DPO_ID)
+        return f"{source}; selected by data recipe sha256:{load_recipe('data', profile).sha256}"
     path = WORLD_DIR / f"{kind}_train.jsonl"
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def preference_rows(dataset):
     """trl's conversational preference rows (``prompt``, ``chosen``, ``rejected``), rendered with
-    ``<s>`` first like every other stage of the course (``sft.TRAINING_CHAT_TEMPLATE``)."""
+    ``<s>`` first like every other stage of the course (``qlora_sft.TRAINING_CHAT_TEMPLATE``)."""
     keep = ("prompt", "chosen", "rejected")
     return dataset.map(lambda row: {"chat_template_kwargs": {"add_bos": True}},
                        remove_columns=[c for c in dataset.column_names if c not in keep])

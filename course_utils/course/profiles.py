@@ -53,16 +53,9 @@ class Profile:
     compute_dtype: torch.dtype
     load_in_4bit: bool
     data_source: str  # "world" (data/world) or "hub" (UltraChat, Orca DPO pairs)
-    seed: int = 42    # the data's shuffles and splits (training seeds live in the recipes)
-    #: the recipes' folder name: the rehearsal uses colab's (with its counts capped)
-    recipes: str = ""
     #: where the Hub loaders read: ``None`` is the Hub itself, else a folder of shipped rows in
     #: the Hub schemas (``course_utils.course.rehearsal.FILES``)
     hub_data_dir: str | None = None
-
-    @property
-    def recipe_profile(self) -> str:
-        return self.recipes or self.name
 
     @property
     def dtype_name(self) -> str:
@@ -108,11 +101,10 @@ def colab_profile() -> Profile:
 
 
 def rehearsal_profile() -> Profile:
-
     rehearsal.install_guards()
     return Profile(
         name="rehearsal", model_name_or_path=str(rehearsal.build_standin()), device="cpu",
-        compute_dtype=torch.float32, load_in_4bit=True, data_source="hub", recipes="colab",
+        compute_dtype=torch.float32, load_in_4bit=True, data_source="hub",
         hub_data_dir=str(rehearsal.REHEARSAL_DATA_DIR))
 
 

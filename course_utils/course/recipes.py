@@ -29,7 +29,7 @@ from course_utils.course.paths import REPO_ROOT
 RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 #: Another folder of recipes (same layout) replaces ``configs/recipes``; tests use a temporary one.
 RECIPES_VARIABLE = "COURSE_RECIPES"
-RECIPE_NAMES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation", "peft_methods", "tour")
+RECIPE_NAMES = ("sft", "reward", "ppo", "grpo", "dpo", "evaluation", "peft_methods", "tour", "data")
 PRECISIONS = ("float32", "float16", "bfloat16", "auto")
 
 #: the recipe keys a rehearsal cap may change: counts of steps and examples, nothing else
@@ -101,12 +101,18 @@ SCHEMA: dict[str, dict[str, dict | None]] = {
                    "seed": (int, _REQ), "batch_size": (int, _REQ),
                    "max_prompt_length": (int, _REQ), "max_prompts": (int, _REQ)},
         "benchmark": {"mc_examples": (int, _REQ), "letter_max_new_tokens": (int, _REQ)}},
+    "data": {
+        "sft": {"train_rows": (int, _REQ), "test_rows": (int, _REQ), "seed": (int, _REQ)},
+        "preferences": {"min_chosen_score": (float, _REQ), "test_fraction": (float, _REQ),
+                        "seed": (int, _REQ)}},
 }
 #: Sections that may be ``null`` (e.g. no LoRA: full fine-tuning; no quantization).
 NULLABLE = {"lora", "quantization"}
 #: Top-level keys besides the sections.
 TOP_LEVEL = {"stage": str, "profile": str}
 TRAINING_TOP_LEVEL = {"precision": str, "seed": int}
+#: recipes that train nothing, so have no precision or seed of their own
+SETTINGS_ONLY = {"evaluation", "data"}
 
 
 def _type_name(kind) -> str:
@@ -140,7 +146,7 @@ def validate(raw, stage: str, source: str) -> dict:
                           f"got {type(raw).__name__}")
     sections = SCHEMA[stage]
     allowed = dict(TOP_LEVEL)
-    if stage != "evaluation":
+    if stage not in SETTINGS_ONLY:
         allowed.update(TRAINING_TOP_LEVEL)
     for key in raw:
         if key not in allowed and key not in sections:
@@ -292,6 +298,9 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
     file_profile = "colab" if profile_name == REHEARSAL else profile_name
     if stage in COURSE_MODEL_STAGES:
         file_profile = "tiny"
+    if stage in HUB_DATA_STAGES and file_profile == "tiny":
+        raise RecipeError("the tiny profile trains on the world's files (data/world/), whole: it "
+                          "has no data recipe; configs/recipes/colab/data.yaml selects the Hub data")
     if stage not in SCHEMA:
         raise RecipeError(f"unknown stage {stage!r}; recipes exist for {', '.join(SCHEMA)}")
     path = Path(path) if path is not None else recipe_path(stage, file_profile)
@@ -308,7 +317,6 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
                           f"{file_profile!r} profile")
     recipe = Recipe(stage, profile_name, path.resolve(), values)
     if path.resolve().is_relative_to(recipes_dir().resolve()):  # what `make portability` hashes
-
         reporting.record({"kind": "recipe", "file": path.resolve().relative_to(
             recipes_dir().resolve()).as_posix()})
     if profile_name == REHEARSAL:
@@ -323,6 +331,8 @@ REHEARSAL = "rehearsal"
 #: stages that train the course model on every profile (lesson 00's tour, lessons 02-05), so only
 #: ``tiny`` has their recipe
 COURSE_MODEL_STAGES = {"tour", "peft_methods"}
+#: the selection of Hub data sets, which only the profiles that load them have
+HUB_DATA_STAGES = {"data"}
 
 
 def rehearsal_caps() -> dict:

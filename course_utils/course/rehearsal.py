@@ -102,7 +102,6 @@ _guard_state = {"installed": False}
 
 
 def max_rows_per_forward() -> int:
-
     evaluation = load_recipe("evaluation", "colab")
     batches = [load_recipe("sft", "colab").training["per_device_train_batch_size"],
                2 * load_recipe("reward", "colab").training["per_device_train_batch_size"],

@@ -55,7 +55,6 @@ STAGES = {
 
 
 def stage_dir(stage: str) -> Path:
-
     return artifacts_dir("models") / stage
 
 
@@ -78,7 +77,6 @@ def _base_model_fingerprint(model_name_or_path: str) -> str:
 
 
 def inputs_fingerprint(stage: str, profile) -> dict:
-
     spec = STAGES[stage]
     inputs = {"data": data.fingerprint(profile, spec.data)}
     if not spec.parents:

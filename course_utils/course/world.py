@@ -641,7 +641,6 @@ def write_world(out_dir: str | Path, seed: int = WORLD_SEED) -> list[Path]:
 
 
 def main(argv=None) -> None:
-
     parser = argparse.ArgumentParser(description="Regenerate the synthetic world's data files.")
     parser.add_argument("--out", default=str(WORLD_DIR), help="output folder (default: data/world)")
     parser.add_argument("--seed", type=int, default=WORLD_SEED)

@@ -123,7 +123,6 @@ EXTRA_VARIATIONS = (
 
 
 def lesson_path(stem_or_number: str) -> Path:
-
     for path in lesson_notebooks():
         if path.stem == stem_or_number or path.name[:2] == stem_or_number or path.name == stem_or_number:
             return path
@@ -470,7 +469,6 @@ def summary_markdown() -> str:
 
 
 def _fmt(value) -> str:
-
     return format_value(value)
 
 
@@ -532,7 +530,6 @@ def write_summary() -> Path:
 
 
 def _execute_child(notebook: str, parameters: str, target: str) -> int:
-
     try:
         run_notebooks.execute(Path(notebook), Path(target), profile="tiny",
                               parameters=json.loads(parameters), cell_timeout=1800)

@@ -33,11 +33,9 @@ class LessonNotebook(pytest.File):
 
 class LessonRun(pytest.Item):
     def runtest(self):
-
         run_notebooks.execute(self.path, cell_timeout=CELL_TIMEOUT_S)
 
     def repr_failure(self, excinfo, style=None):
-
         if isinstance(excinfo.value, NotebookFailed):
             return str(excinfo.value)
         return super().repr_failure(excinfo)
