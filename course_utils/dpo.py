@@ -84,11 +84,11 @@ def make_dpo_trainer(model, tokenizer, train_dataset, args, peft_config=None, ev
 
 
 @torch.no_grad()
-def pair_logprobs(model, trainer, split: str = "eval", batch_size: int = 32
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, trainer, split: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probabilities of every pair's chosen and rejected reply under
     ``model``, for the ``trainer``'s (a ``DPOTrainer``) ``"train"`` or ``"eval"`` data set,
-    tokenized and collated exactly as the trainer does."""
+    tokenized and collated exactly as the trainer does, ``batch_size`` pairs per forward pass (the
+    evaluation recipe's ``scoring.dpo_pairs_batch_size``)."""
     prepared = trainer.train_dataset if split == "train" else trainer.eval_dataset
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
     rows = [{c: row[c] for c in columns} for row in prepared]

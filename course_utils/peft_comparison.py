@@ -269,6 +269,7 @@ def run_key(name: str, base_model, train_chats, test_chats, questions, recipe, s
     settings = {"method": name, "steps": steps, "batch_size": recipe.training["batch_size"],
                 "seed": recipe.seed, "learning_rate": recipe.learning_rates[name],
                 "settings": recipe.methods.get(name), "heldout_chats": len(test_chats),
+                "answer_tokens": recipe.probes["max_new_tokens"],
                 "versions": [version(p) for p in ("torch", "transformers", "peft")]}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for tensor in base_model.state_dict().values():
@@ -345,7 +346,7 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
     train_sft(model, tokenizer, train_chats, steps=steps, batch_size=batch_size,
               learning_rate=lr, seed=seed, progress=False)
     seconds = (time.perf_counter() - start) / steps
-    answers = probes.chat_answers(model, tokenizer, questions)
+    answers = probes.chat_answers(model, tokenizer, questions, recipe.probes["max_new_tokens"])
     saved_bytes, reload_error = save_and_reload(model, base_model, name)
     result = MethodResult(
         method=name, trainable_parameters=trainable_parameters(model),

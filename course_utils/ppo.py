@@ -27,7 +27,7 @@ import torch
 from course_utils.course import data
 from course_utils.course.chat import render_chat
 from course_utils.course.models import load_tokenizer
-from course_utils.course.recipes import ran_with
+from course_utils.course.recipes import load_recipe, ran_with
 from course_utils.reward_modeling import load_reward_model, reward_model_scorer
 from course_utils.rollouts import decode_responses, generate_responses, response_logprobs
 
@@ -316,7 +316,8 @@ def build_ppo_model(profile, recipe, parents: dict[str, Path], verbose: bool = T
     policy, value_head = make_ppo_policy(sft_dir, profile, recipe)
     config = PPOConfig.from_recipe(recipe)
     train_ppo(policy, value_head, tokenizer, train_prompts,
-              reward_model_scorer(reward_model, tokenizer, conversations), config,
+              reward_model_scorer(reward_model, tokenizer, conversations, load_recipe(
+                  "evaluation", profile).scoring["reward_replies_batch_size"]), config,
               progress=verbose)
     used = ran_with(recipe, config, policy)
     return policy.merge_and_unload(), tokenizer, used

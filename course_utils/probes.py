@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from course_utils.course.chat import EOS_TOKEN, padding_side, truncation_side
-from course_utils.course.recipes import load_recipe
 from course_utils.course.world import ATTRIBUTE_VALUES, ATTRIBUTES, Character
 
 
@@ -113,14 +112,12 @@ def is_chat_format_answer(reply: str, stopped_at_eos: bool, name: str, attribute
     return mentions_value(text, name) and any(mentions_value(text, v) for v in values)
 
 
-def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int | None = None
+def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int
                  ) -> list[ProbeResult]:
     """Ask each question (rows with ``character``, ``attribute``, ``question``, ``answer``) in the
     chat format and judge each reply for format (``chat_format``) and content (``correct``).
-    Replies are cut at ``max_new_tokens``, by default the evaluation recipe's (``chat``
-    section): every lesson asks the world's questions the same way."""
-    if max_new_tokens is None:
-        max_new_tokens = load_recipe("evaluation", "tiny").chat["max_new_tokens"]
+    Replies are cut at ``max_new_tokens``: the ``probes`` section of the lesson's recipe (``tour``,
+    ``peft_methods``), or the evaluation recipe's ``chat`` section in lessons 07-11."""
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q["question"]}],
                                              tokenize=False, add_generation_prompt=True)
                for q in questions]

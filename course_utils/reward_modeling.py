@@ -107,7 +107,7 @@ def make_reward_trainer(model, tokenizer, train_dataset, args, peft_config=None)
 
 @torch.no_grad()
 def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list[str],
-                    batch_size: int = 64) -> torch.Tensor:
+                    batch_size: int) -> torch.Tensor:
     """The reward model's score for each (conversation ``prompt``, ``response``) pair, rendered
     with the chat template and ``<s>`` first, exactly as ``RewardTrainer`` trains on them."""
 
@@ -124,10 +124,11 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
     return torch.cat(scores)
 
 
-def preference_scores(model, tokenizer, dataset, batch_size: int = 16
+def preference_scores(model, tokenizer, dataset, batch_size: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of every pair's chosen and rejected reply, ``batch_size`` replies per forward pass
-    (a whole held-out set of Orca pairs at once would not fit a T4)."""
+    (the evaluation recipe's ``scoring.reward_pairs_batch_size``: a whole held-out set of Orca
+    pairs at once would not fit a T4)."""
     prompts = [row["prompt"] for row in dataset]
     chosen = score_responses(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in dataset],
                              batch_size)
@@ -145,14 +146,15 @@ def accuracy_by_axis(chosen: torch.Tensor, rejected: torch.Tensor, axes: list[st
     return result
 
 
-def reward_model_scorer(reward_model, tokenizer, prompt_messages: dict):
+def reward_model_scorer(reward_model, tokenizer, prompt_messages: dict, batch_size: int):
     """``score_fn(prompts, responses)`` for ``ppo_step``: looks up each rendered prompt's
     conversation in ``prompt_messages`` and scores the reply (``</s>`` removed) with the reward
-    model, exactly as ``RewardTrainer`` saw pairs."""
+    model, exactly as ``RewardTrainer`` saw pairs, ``batch_size`` replies per forward pass (the
+    evaluation recipe's ``scoring.reward_replies_batch_size``)."""
     def score_fn(prompts, responses):
         conversations = [prompt_messages[p] for p in prompts]
         replies = [r.replace(tokenizer.eos_token, "") for r in responses]
-        return score_responses(reward_model, tokenizer, conversations, replies)
+        return score_responses(reward_model, tokenizer, conversations, replies, batch_size)
     return score_fn
 
 

@@ -12,6 +12,7 @@ from course_utils import evaluation, probes
 from course_utils.builds import course_model as build
 from course_utils.course import world
 from course_utils.course.paths import COURSE_MODEL_DIR, WORLD_DIR
+from course_utils.course.recipes import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_fact_completion_with_new_frames_beats_chance(course_model_and_tokenizer
 def test_pretrained_model_does_not_follow_the_chat_format(course_model_and_tokenizer, questions,
                                                           report):
     model, tokenizer = course_model_and_tokenizer
-    results = probes.chat_answers(model, tokenizer, questions)
+    results = probes.chat_answers(model, tokenizer, questions,
+                                  load_recipe("tour", "tiny").probes["max_new_tokens"])
     rate = probes.accuracy(results, "chat_format")
     assert rate == report["chat_format_rate"]
     assert rate < 0.5

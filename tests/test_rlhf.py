@@ -255,7 +255,7 @@ def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, t
                                 attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     chosen, rejected = rewards.chunk(2)
     assert reward_modeling.bradley_terry_loss(chosen, rejected).item() == pytest.approx(trl_loss, rel=1e-6)
-    ours_chosen, ours_rejected = reward_modeling.preference_scores(trainer.model, tokenizer, pairs)
+    ours_chosen, ours_rejected = reward_modeling.preference_scores(trainer.model, tokenizer, pairs, 16)
     torch.testing.assert_close(ours_chosen, chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_rejected, rejected, atol=1e-5, rtol=0)
 

@@ -35,6 +35,7 @@ from course_utils import probes
 from course_utils.course import world
 from course_utils.course.chat import TINYLLAMA_CHAT_TEMPLATE, render_chat
 from course_utils.course.paths import COURSE_MODEL_DIR, WORLD_DIR
+from course_utils.course.recipes import load_recipe
 from course_utils.course.world import read_corpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -226,7 +227,8 @@ def probe_report(model, tokenizer, world_dir: Path = WORLD_DIR) -> dict:
                                           world.PROBE_TEMPLATES_HELD_OUT)
     questions = [json.loads(line) for line in
                  (world_dir / "eval_qa.jsonl").read_text(encoding="utf-8").splitlines()]
-    chat = probes.chat_answers(model, tokenizer, questions)
+    chat = probes.chat_answers(model, tokenizer, questions,
+                               load_recipe("tour", "tiny").probes["max_new_tokens"])
     return {
         "fact_completion_in_corpus_templates": probes.accuracy(in_corpus),
         "fact_completion_held_out_templates": probes.accuracy(held_out),
