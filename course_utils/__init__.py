@@ -40,10 +40,16 @@ DEPRECATED_IN_LIBRARIES = (r"`(is_gradient_checkpointing|gradient_checkpointing_
 #: 2. peft's prompt-learning models (lesson 03) ignore the position ids that ``generate()`` passes
 #:    them, and say so on every call: peft assigns the positions itself (its virtual tokens come first).
 POSITION_IDS_IGNORED = r"Position ids are not supported for parameter efficient tuning"
-#: 3. bitsandbytes 0.50, on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hub when
+#: 3. transformers 5 logs a "LOAD REPORT" table when a checkpoint's weights and the model's differ.
+#:    A reward model made from a language model (lessons 08-11) always differs the same way: the LM
+#:    head is dropped and the scalar head ``score`` is new. Lesson 08 prints those two lists itself
+#:    (``from_pretrained(..., output_loading_info=True)``); a report with any other key still shows.
+HEAD_SWAP_REPORT = {"lm_head.weight": "UNEXPECTED", "score.weight": "MISSING"}
+#: 4. bitsandbytes 0.50, on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hub when
 #:    it is imported and logs the failure; its built-in CPU kernels are the ones the course uses.
 #:    So the call must come before bitsandbytes (or peft, or trl) is imported.
 KNOWN_NOTICES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 
 
 class _DropNotice(logging.Filter):
@@ -55,11 +61,27 @@ class _DropNotice(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+class _DropHeadSwapReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "LOAD REPORT" not in message:
+            return True
+        rows = {}
+        for line in message.splitlines():
+            cells = [cell.strip() for cell in line.split("|")]
+            if len(cells) >= 2 and cells[1] in ("UNEXPECTED", "MISSING", "MISMATCH", "CONVERSION"):
+                rows[cells[0]] = cells[1]
+        return rows != HEAD_SWAP_REPORT
+
+
 def hide_library_notices() -> None:
-    """Silence the three notices above, and nothing else. Every notebook's set-up cell calls it
+    """Silence the four notices above, and nothing else. Every notebook's set-up cell calls it
     (``notebook_tools.colab.set_up_notebook``), as do ``tests/conftest.py`` and ``scripts/``."""
     warnings.filterwarnings("ignore", message=DEPRECATED_IN_LIBRARIES, category=FutureWarning)
     warnings.filterwarnings("ignore", message=POSITION_IDS_IGNORED, category=UserWarning)
     for logger, prefix in KNOWN_NOTICES.items():
         if not any(isinstance(f, _DropNotice) for f in logging.getLogger(logger).filters):
             logging.getLogger(logger).addFilter(_DropNotice(prefix))
+    report_logger = logging.getLogger(LOAD_REPORT_LOGGER)
+    if not any(isinstance(f, _DropHeadSwapReport) for f in report_logger.filters):
+        report_logger.addFilter(_DropHeadSwapReport())

@@ -269,6 +269,19 @@ class Recipe:
         dtype = self.torch_dtype()
         return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
+    def describe(self, *keys: str) -> str:
+        """What a lesson prints instead of the whole file: where the recipe comes from, the comment
+        at the top of its file (why these values), and ``keys`` (``"training.beta"``, or a section
+        such as ``"lora"``) with their values."""
+        comment = [line.removeprefix("#").strip() for line in
+                   self.path.read_text().splitlines() if line.startswith("#")]
+        lines = [self.label, *(f"  {line}" for line in comment)]
+        for key in keys:
+            section, _, name = key.partition(".")
+            value = self.values[section] if not name else self.values[section][name]
+            lines.append(f"  {key}: {value!r}")
+        return "\n".join(lines)
+
     def trainer_plumbing(self, profile) -> dict:
         """What every trl config the course builds takes besides the ``training`` section: the
         precision flags, the recipe's seed (for the run and its data order), the CPU switch, and no

@@ -2,7 +2,7 @@
 
 Each notebook carries a copy of ``SETUP_CELL`` as its second cell: on Colab it clones the course
 (``course_utils`` does not exist there before), then calls ``set_up_notebook``, which installs the
-pinned packages on Colab and, everywhere, hides three library notices no lesson discusses
+pinned packages on Colab and, everywhere, hides four library notices no lesson needs
 (``course_utils.hide_library_notices``). ``tests/test_repository.py`` fails when a copy drifts
 from this source; ``python -m course_utils.notebook_tools.colab`` rewrites the copies. A fork runs
 ``python -m course_utils.notebook_tools.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
@@ -32,8 +32,8 @@ COURSE_DIR = "/content/llm-finetuning-course"  # where the set-up cell clones th
 DRIVE_ARTIFACTS = "/content/drive/MyDrive/llm-finetuning-course/artifacts"
 
 SETUP_CELL = f'''\
-# Set-up. On Colab: fetch the course and install its pinned packages. Everywhere: hide three library
-# notices that no lesson discusses. Both happen in course_utils/notebook_tools/colab.py.
+# Set-up. On Colab: fetch the course and install its pinned packages. Everywhere: hide four library
+# notices the lessons do not need (course_utils/__init__.py lists them). See notebook_tools/colab.py.
 import subprocess
 import sys
 
