@@ -115,3 +115,23 @@ def test_the_course_uses_transformers_5_names_for_activation_checkpointing():
                   for pattern in ("course_utils/*.py", "scripts/*.py", "configs/recipes/*/*.yaml")
                   for path in REPO_ROOT.glob(pattern) if path.name != "__init__.py"})
     assert not [name for name, text in texts.items() if old.search(text)]
+
+
+def test_only_the_reward_head_swap_report_is_hidden(caplog):
+    """transformers' load report for a reward model made from a language model (the LM head
+    dropped, the score head new) is hidden; a report naming any other key still shows."""
+    import logging
+
+    import course_utils
+
+    course_utils.hide_library_notices()
+    logger = logging.getLogger(course_utils.LOAD_REPORT_LOGGER)
+    table = ("LlamaForSequenceClassification LOAD REPORT from: sft\nKey            | Status     | \n"
+             "---------------+------------+-\n{rows}\nNotes:\n- MISSING:\tthose params were newly initialized")
+    head_swap = "lm_head.weight | UNEXPECTED | \nscore.weight   | MISSING    | "
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(table.format(rows=head_swap))
+        logger.warning(table.format(rows=head_swap + "\nmodel.norm.weight | MISSING | "))
+        logger.warning(table.format(rows="score.weight   | MISSING    | "))
+    shown = [r.getMessage() for r in caplog.records]
+    assert len(shown) == 2 and "model.norm.weight" in shown[0] and "lm_head" not in shown[1]
