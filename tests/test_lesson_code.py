@@ -127,7 +127,7 @@ def test_only_the_reward_head_swap_report_is_hidden(caplog):
     course_utils.hide_library_notices()
     logger = logging.getLogger(course_utils.LOAD_REPORT_LOGGER)
     table = ("LlamaForSequenceClassification LOAD REPORT from: sft\nKey            | Status     | \n"
-             "---------------+------------+-\n{rows}\nNotes:\n- MISSING:\tthose params were newly initialized")
+             "---------------+------------+-\n{rows}\nNotes:\n- MISSING:\tnewly initialized")
     head_swap = "lm_head.weight | UNEXPECTED | \nscore.weight   | MISSING    | "
     with caplog.at_level(logging.WARNING, logger=logger.name):
         logger.warning(table.format(rows=head_swap))

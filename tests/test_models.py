@@ -79,7 +79,7 @@ def test_4bit_on_a_missing_gpu_is_a_clear_error():
 
 
 def test_missing_model_folder_says_how_to_rebuild(tmp_path):
-    with pytest.raises(FileNotFoundError, match="build_course_model"):
+    with pytest.raises(FileNotFoundError, match="builds.course_model"):
         models.load_model_and_tokenizer(tiny_profile(), model_name_or_path=tmp_path / "nothing")
 
 

@@ -168,3 +168,50 @@ def test_the_readme_says_what_the_reports_say():
         "README's portability table differs from portability/*.json: run `make portability`"
     summary = (reporting.REPORT_DIR / "README.md").read_text()
     assert summary == portability.summary_markdown(), "portability/README.md is out of date"
+
+
+def test_carry_keeps_the_other_runs_only_when_the_reference_measured_the_same(tmp_path, monkeypatch):
+    """``make portability LESSONS=--carry``: after an edit, the reference variation reruns; the
+    other variations' stored runs are re-pinned to today's lesson only if every number it measured
+    is the stored reference run's, and stay stale otherwise."""
+    stem = "01_full_finetuning_memory"
+    monkeypatch.setattr(reporting, "REPORT_DIR", tmp_path / "reports")
+    monkeypatch.setattr(portability, "write_summary", lambda: None)
+    old_pins = {"lesson_sha256": "old", "upstream_sha256": {}}
+
+    def result(variation, pinned, gap, seconds=1.0):
+        return {"variation": variation, "seconds": seconds, "completed": True, "error": None,
+                "pinned": pinned, "recipes_sha256": {},
+                "entries": [{"kind": "claim", "statement": "s", "holds": True, "measured": {"gap": gap}}],
+                "metrics": {"gap": gap, "train_seconds": seconds}}
+
+    for variation in portability.VARIATIONS:
+        path = portability.result_path(tmp_path, variation, stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result(variation.name, old_pins, 0.25)))
+    reruns = []
+
+    def rerun(stem_, variation, workdir, recipes, gap):
+        reruns.append(variation.name)
+        fresh = result(variation.name, portability.pins(stem_), gap, seconds=9.0)  # another clock
+        portability.result_path(workdir, variation, stem_).write_text(json.dumps(fresh))
+        return fresh
+
+    monkeypatch.setattr(portability, "run_lesson", lambda *a: rerun(*a, gap=0.25))
+    assert portability.carry([stem], tmp_path) == {stem: []}
+    assert reruns == ["reference"]
+    for variation in portability.VARIATIONS:
+        assert portability.saved_result(tmp_path, variation, stem) is not None, variation.name
+    carried = json.loads(portability.result_path(tmp_path, portability.VARIATIONS[1], stem).read_text())
+    assert carried["carried"]["from_pinned"] == old_pins
+    report = reporting.read_report(stem)
+    assert sum("carried_from" in run for run in report["runs"]) == len(portability.VARIATIONS) - 1
+
+    for variation in portability.VARIATIONS:  # the lesson changes again, and now a number moves
+        path = portability.result_path(tmp_path, variation, stem)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "pinned": old_pins}))
+    monkeypatch.setattr(portability, "run_lesson", lambda *a: rerun(*a, gap=0.26))
+    found = portability.carry([stem], tmp_path)[stem]
+    assert found == ["claims: ['s', True, {'gap': 0.25}] -> ['s', True, {'gap': 0.26}]",
+                     "metric gap: 0.25 -> 0.26"]
+    assert portability.saved_result(tmp_path, portability.VARIATIONS[1], stem) is None

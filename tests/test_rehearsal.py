@@ -37,7 +37,7 @@ def rehearsal_profile(tmp_path_factory):
 # --- the profile is the colab path -------------------------------------------------------------
 
 def test_rehearsal_recipes_are_colabs_except_counts():
-    allowed = {(section, key) for section, keys in rehearsal.CAPPABLE_KEYS.items() for key in keys}
+    allowed = {(section, key) for section, keys in recipes.CAPPABLE_KEYS.items() for key in keys}
     for stage in COUNTED_STAGES:
         colab = recipes.load_recipe(stage, "colab").values
         rehearsed = recipes.load_recipe(stage, "rehearsal").values

@@ -347,6 +347,100 @@ def run(stems: list[str], variations=VARIATIONS, workers: int = 2, workdir: Path
 
 
 # ---------------------------------------------------------------------------------------------
+# carrying runs over an edit that changes no number
+
+
+def measured(result: dict) -> dict:
+    """Every number a run measured that a report keeps: each claim (its verdict and measured
+    values), each tolerance check (verdict and error) and each metric, wall-clock ones excepted."""
+    entries = result["entries"]
+    return {"completed": result["completed"],
+            "claims": [[e["statement"], e["holds"], e.get("measured", {})]
+                       for e in entries if e["kind"] == "claim"],
+            "checks": [[e["what"], e["holds"], e["max_abs_error"]]
+                       for e in entries if e["kind"] == "check_close"],
+            "metrics": {k: v for k, v in result["metrics"].items() if not CLOCK.search(k)}}
+
+
+def differences(before: dict, after: dict, limit: int = 5) -> list[str]:
+    """The first ``limit`` numbers that differ between two ``measured`` records, in words."""
+    found = []
+    for section in ("completed", "claims", "checks"):
+        if before[section] != after[section]:
+            pairs = zip(before[section], after[section]) if isinstance(before[section], list) else \
+                [(before[section], after[section])]
+            found += [f"{section}: {a} -> {b}" for a, b in pairs if a != b]
+            if len(before[section] if isinstance(before[section], list) else []) != \
+                    len(after[section] if isinstance(after[section], list) else []):
+                found.append(f"{section}: {len(before[section])} -> {len(after[section])} entries")
+    for name in sorted(set(before["metrics"]) | set(after["metrics"])):
+        if before["metrics"].get(name) != after["metrics"].get(name):
+            found.append(f"metric {name}: {before['metrics'].get(name)} -> {after['metrics'].get(name)}")
+    return found[:limit]
+
+
+def carry(stems: list[str], workdir: Path | None = None) -> dict[str, list[str]]:
+    """After an edit meant to change no number (a moved module, a renamed import, a comment, a
+    shorter printout), rerun only the reference variation of each stale lesson; where it measured
+    exactly what the stored reference run measured (``measured``), the stored runs of every other
+    variation are re-pinned to today's lesson and recipes, each marked ``carried`` with the hashes
+    it ran under, and the report is rewritten. Where any number differs, nothing is carried: the
+    lesson stays stale until ``make portability`` reruns every variation. Returns, per lesson, the
+    differences found (empty: carried)."""
+    workdir = Path(workdir or paths.ARTIFACTS_DIR / "portability")
+    reference = VARIATIONS[0]
+    stems = [lesson_path(stem).stem for stem in stems]
+    every_stored = {stem: {v.name: json.loads(result_path(workdir, v, stem).read_text())
+                           for v in VARIATIONS + EXTRA_VARIATIONS
+                           if result_path(workdir, v, stem).exists()} for stem in stems}
+    fresh_runs: dict[str, dict] = {}
+
+    def run_in_order(chain):  # 08 needs the models 07 builds under the same variation
+        for stem in chain:
+            fresh_runs[stem] = (saved_result(workdir, reference, stem)
+                                or run_lesson(stem, reference, workdir, None))
+
+    chains = [[s for s in stems if s[:2] in chain] for chain in CHAINS]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(run_in_order, chain) for chain in chains if chain]:
+            future.result()
+    outcome: dict[str, list[str]] = {}
+    for stem in stems:
+        stored, fresh = every_stored[stem], fresh_runs[stem]
+        missing = [v.name for v in VARIATIONS if v.name not in stored]
+        if missing:
+            outcome[stem] = [f"no stored run of {', '.join(missing)}: run make portability"]
+            continue
+        found = differences(measured(stored[reference.name]), measured(fresh))
+        outcome[stem] = found
+        print(f"{stem}: " + ("the reference run measured the same numbers; carried"
+                             if not found else "numbers differ, nothing carried: " + "; ".join(found)),
+              flush=True)
+        if found:
+            continue
+        runs = [fresh]
+        for name, result in stored.items():
+            if name == reference.name:
+                continue
+            read = sorted({e["file"] for e in result["entries"] if e["kind"] == "recipe"})
+            carried = {"from_pinned": result.get("carried", {}).get("from_pinned", result["pinned"]),
+                       "from_recipes_sha256": result.get("carried", {}).get(
+                           "from_recipes_sha256", result["recipes_sha256"]),
+                       "reference_identical_on": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            result = {**result, "pinned": fresh["pinned"], "carried": carried,
+                      "recipes_sha256": {n: file_hash(RECIPES_DIR / n) for n in read}}
+            result_path(workdir, by_name(name), stem).write_text(json.dumps(result))
+            runs.append(result)
+        write_report(stem, runs)
+    write_summary()
+    return outcome
+
+
+def by_name(name: str) -> Variation:
+    return next(v for v in VARIATIONS + EXTRA_VARIATIONS if v.name == name)
+
+
+# ---------------------------------------------------------------------------------------------
 # the report
 
 
@@ -401,7 +495,9 @@ def summarize(stem: str, runs: list[dict]) -> dict:
         "runs": [{"variation": r["variation"],
                   "description": next(v.description for v in VARIATIONS + EXTRA_VARIATIONS
                                       if v.name == r["variation"]),
-                  "completed": r["completed"], "error": r["error"], "seconds": r["seconds"]}
+                  "completed": r["completed"], "error": r["error"], "seconds": r["seconds"],
+                  **({"carried_from": r["carried"]["from_pinned"]["lesson_sha256"]}
+                     if r.get("carried") else {})}
                  for r in runs],
         "minutes_all_runs": round(sum(r["seconds"] for r in runs) / 60, 1),
         "claims": [{"statement": c["statement"], "held": len(c["held_in"]), "runs": len(every),
@@ -551,6 +647,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rerun", action="store_true",
                         help="run again even where artifacts/portability/ holds a run of the same lesson")
     parser.add_argument("--summary", action="store_true", help="only rewrite portability/README.md")
+    parser.add_argument("--carry", action="store_true",
+                        help="after an edit meant to change no number: rerun only the reference "
+                             "variation of each stale lesson and keep the other runs where it "
+                             "measured the same numbers")
     parser.add_argument("--execute", help=argparse.SUPPRESS)
     parser.add_argument("--parameters", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -579,6 +679,13 @@ def main(argv=None) -> int:
     if not stems:
         print("every report is up to date (portability/); --all reruns them")
         return 0
+    if args.carry:
+        outcome = carry(stems)
+        kept = [stem for stem, found in outcome.items() if found]
+        print(f"carried: {len(outcome) - len(kept)} of {len(outcome)} lessons"
+              + (f"; still stale (run make portability LESSONS=\"{' '.join(s[:2] for s in kept)}\"): "
+                 f"{', '.join(kept)}" if kept else ""))
+        return 1 if kept else 0
     print(f"lessons: {', '.join(stems)}\nvariations: {', '.join(v.name for v in variations)}", flush=True)
     start = time.perf_counter()
     run(stems, variations, workers=args.workers, reuse=not args.rerun)
