@@ -43,8 +43,10 @@ test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests/test_site.py --durations=5
 
 # Every lesson whose report in portability/ is stale (or LESSONS="04 09", or LESSONS=--all), under the
-# variations of course_utils/notebook_tools/portability.py: two more seeds, 2 and 4 threads, other CPU kernels. The
-# reports are committed; tests/test_portability.py fails when one no longer matches its lesson.
+# variations of course_utils/notebook_tools/portability.py: two more seeds, 2 and 4 threads, other CPU
+# kernels. LESSONS=--carry, after an edit meant to change no number, reruns only the reference
+# variation and keeps the other runs where it measured the same numbers. The reports are committed;
+# tests/test_portability.py fails when one no longer matches its lesson.
 portability: $(STAMP)
 	$(OFFLINE) $(PY) -m course_utils.notebook_tools.portability $(LESSONS)
 

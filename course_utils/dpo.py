@@ -21,9 +21,7 @@ import torch.nn.functional as F
 
 from course_utils.course import data
 from course_utils.course.data import preference_rows
-from course_utils.course.models import (
-    load_tokenizer,
-)
+from course_utils.course.models import load_tokenizer
 from course_utils.course.paths import artifacts_dir
 from course_utils.course.recipes import ran_with
 from course_utils.qlora_sft import load_quantized, merge_dtype, training_tokenizer

@@ -7,8 +7,8 @@ One code path for the notebook, the command line and multi-process runs:
   ``<s>`` first (``TRAINING_CHAT_TEMPLATE``), exactly the tokens inference sees.
 - every setting comes from the recipe ``configs/recipes/<profile>/sft.yaml``
   (``recipes.load_recipe("sft", profile)``): ``sft_config``, ``lora_config`` and
-  ``load_quantized_base`` turn its sections into ``SFTConfig``, ``LoraConfig`` and
-  ``BitsAndBytesConfig``;
+  ``load_quantized`` (through ``models.bnb_config_from_recipe``) turn its sections into
+  ``SFTConfig``, ``LoraConfig`` and ``BitsAndBytesConfig``;
 - ``make_trainer``: trl ``SFTTrainer`` with loss on the replies only;
 - ``build_sft_model``: the same recipe as a rebuild of lesson 07's model
   (``pipeline.ensure_stage("sft", profile)``).

@@ -236,9 +236,6 @@ NOT_TRAINING = {
     # inference batches (lessons 02-05's course-model comparison); an optimizer built only to
     # count its state
     "peft_comparison.py": ["model, tokenizer, test_chats, batch_size=32,", "if p.requires_grad], lr=0.0)"],
-    "reward_modeling.py": ["batch_size: int = 64) -> torch.Tensor:",  # scoring batches
-                           "def preference_scores(model, tokenizer, dataset, batch_size: int = 16"],
-    "dpo.py": ["batch_size: int = 32"],
     "rl_primer.py": ["max_steps: int = 50", "state, steps = 0, []"],  # lesson 09's toy corridor
     "recipes.py": ['"training.learning_rate=1e-3"'],  # a docstring
 }

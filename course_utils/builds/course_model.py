@@ -1,6 +1,6 @@
 """Build the course model: a byte-level BPE tokenizer and a small Llama pretrained on the world.
 
-Run ``python -m course_utils.builds.course_model`` (about 6 minutes on 2 CPU cores). It writes
+Run ``python -m course_utils.builds.course_model`` (about 7 minutes on 2 CPU cores). It writes
 ``data/course-model/``:
 
 - ``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``: byte-level BPE trained

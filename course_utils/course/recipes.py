@@ -304,9 +304,8 @@ def recipe_path(stage: str, profile: str) -> Path:
 
 
 def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
-    """The recipe of ``stage`` (``sft``, ``reward``, ``ppo``, ``grpo``, ``dpo``, ``evaluation``)
-    for ``profile`` (a ``Profile`` or its name), from ``configs/recipes/<profile>/<stage>.yaml``
-    or from ``path``."""
+    """The recipe of ``stage`` (one of ``RECIPE_NAMES``) for ``profile`` (a ``Profile`` or its
+    name), from ``configs/recipes/<profile>/<stage>.yaml`` or from ``path``."""
     import yaml
 
     profile_name = getattr(profile, "name", profile)

@@ -16,7 +16,7 @@ three substitutions only:
    ``data/samples/rehearsal/`` (``write_samples`` made them; ``sample_statistics`` measures them,
    and ``data/samples/README.md`` states the numbers);
 3. **the counts**: training steps and evaluation sizes capped by ``configs/recipes/rehearsal/caps.yaml``,
-   which may only change counts (``CAPPABLE_KEYS``).
+   which may only change counts (``recipes.CAPPABLE_KEYS``).
 
 It checks structure, not learning: no exception, metrics written, lengths respected, every
 dropped or truncated row counted. Random weights learn nothing, so the lessons' claims about the

@@ -1,8 +1,8 @@
 """Reporting: each notebook's numbers, in ``artifacts/<notebook-stem>/metrics.json``, and the summary table.
 
 A notebook calls ``write_metrics("00_setup_and_tour", {...})`` with the numbers it claims, and
-``check_claims`` on what its text says about them;
-``make run`` ends with ``python -m course_utils.course.reporting``, which prints one table of them all.
+``check_claims`` on what its text says about them; ``make run`` ends by printing one table of them
+all (``summary_table``, also ``python -m course_utils.course.reporting``).
 """
 
 from __future__ import annotations

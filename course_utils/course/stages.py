@@ -1,18 +1,16 @@
-"""Saved stages that know what built them, and one way to get an earlier stage's model.
+"""Saved stages that know what built them.
 
 Lessons 07-10 each save a model under ``artifacts/models/<stage>/`` (``sft``, ``reward``, ``ppo``,
 ``dpo``) with ``save_stage``, which writes ``stage_record.json`` beside the weights: the recipe
 (its file, hash and contents), the profile, the fingerprints of the inputs (base model, data), the
 keys of the stages it was built from, what the trainer actually ran with, the library versions,
-the date and how long it took. A lesson that needs an earlier stage calls ``ensure_stage``, which
-uses the saved model only while its record matches what that stage's recipe and inputs are *now*;
-otherwise it rebuilds it with the same recipe (saying which stage, why, and about how long), or,
-with ``COURSE_REBUILD=never`` (or ``rebuild=False``), stops with ``StaleStageError`` naming the
-lesson to rerun.
+the date and how long it took. ``why_stale`` says whether a saved model still matches what its
+recipe and inputs are *now*; ``course_utils.pipeline.ensure_stage`` uses it only then, else rebuilds
+it (or, with ``COURSE_REBUILD=never``, stops with ``StaleStageError`` naming the lesson to rerun).
 
-``save_stage`` also refuses a model trained with settings other than the recipe's: the trainer's
-arguments and the LoRA configuration are compared with the recipe key by key, so a lesson and the
-rebuild path cannot build "the same" stage two ways.
+``save_stage`` also refuses a model trained with settings other than the recipe's
+(``recipes.check_ran_with_recipe`` compares the trainer's arguments and the LoRA configuration with
+the recipe key by key), so a lesson and the rebuild path cannot build "the same" stage two ways.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Verdicts that a submission cannot reach: the grader's judge (plumbing, no lesson).
+"""Verdicts that a submission cannot reach: the grader's judge, the verdict process (plumbing;
+not lesson 11's reward-model judge).
 
 Grading runs in two processes that share nothing but plain data:
 

@@ -5,6 +5,7 @@
 - ``portability``: ``make portability``, each lesson under other seeds, thread counts and CPU
   kernels, and the reports in ``portability/``.
 - ``site``: the executed course as a static site (``make site``).
-- ``colab``: the set-up cell every notebook opens with and ``set_up_colab``, which it calls on
-  Colab; ``python -m course_utils.notebook_tools.colab`` rewrites the cell and badges.
+- ``colab``: the set-up cell every notebook opens with and ``set_up_notebook``, which it calls
+  (on Colab it installs the pinned packages; everywhere it hides the library notices);
+  ``python -m course_utils.notebook_tools.colab`` rewrites the cell and badges.
 """

@@ -8,7 +8,8 @@ from this source; ``python -m course_utils.notebook_tools.colab`` rewrites the c
 ``python -m course_utils.notebook_tools.colab --repo owner/name``: ``GITHUB_REPO`` below is the one
 setting, and ``set_repository`` rewrites it and every copy of it (badges, set-up cells, README).
 
-This module imports only the standard library: on Colab it runs before the pinned packages exist.
+This module, ``course_utils/__init__.py`` and ``course.paths`` import nothing beyond the standard
+library: on Colab they run before the pinned packages exist.
 """
 
 from __future__ import annotations

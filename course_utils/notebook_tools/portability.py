@@ -29,6 +29,7 @@ after the report was made, and when a claim did not hold in every run.
     python -m course_utils.notebook_tools.portability 09_ppo_rlhf  # this lesson (and no other)
     python -m course_utils.notebook_tools.portability --all        # every lesson
     python -m course_utils.notebook_tools.portability --check      # which reports are stale; exit 1 if any
+    python -m course_utils.notebook_tools.portability --carry      # after an edit that changes no number
 
 Lessons run side by side, one thread each (two workers on two cores), then the variations with
 more threads one lesson at a time, each variation in ``artifacts/portability/<variation>/``, so
