@@ -8,14 +8,15 @@ PROFILE ?= auto
 # Offline by design: the tiny profile never needs the network, and a stray download fails fast.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
-.PHONY: help install run test portability site browser lab exercises world course-model lint clean
+.PHONY: help install run test portability drift site browser lab exercises world course-model lint clean
 
 help:
 	@echo "make run           execute every notebook in order (PROFILE=$(PROFILE)), print the metrics table"
 	@echo "make test          run the whole test suite (unit tests, every notebook, grader)"
 	@echo "make portability   rerun stale lessons under 3 seeds, 1/2/4 threads and other CPU kernels: portability/"
+	@echo "make drift         the tests and lessons under the newest releases of the HF stack and torch: drift/"
 	@echo "make site          the executed course as a static site: artifacts/site/html/index.html"
-	@echo "make browser       install Debian's Chromium for the browser checks (needs root)"
+	@echo "make browser       find (or install) the Chromium for the browser checks, as make test does first"
 	@echo "make lab           open JupyterLab on the notebooks"
 	@echo "make exercises     regenerate exercises/ from solutions/"
 	@echo "make world         regenerate data/world/ from its seed"
@@ -34,13 +35,16 @@ run: $(STAMP)
 	$(OFFLINE) COURSE_PROFILE=$(subst auto,,$(PROFILE)) $(PY) -m course_utils.notebook_tools.run_notebooks
 
 # Two workers, one thread each (tests/conftest.py): the lessons first, 07-11 in order on one worker
-# (they share artifacts/models), then the test modules, each on one worker. Every lesson's executed
+# (they share artifacts/models), then the test modules, each on one worker. First, in seconds, the
+# Chromium for the browser checks (notebook_tools/browser.py: the system's, Playwright's, or one it
+# can install; else one message saying what to install). Every lesson's executed
 # copy lands in artifacts/executed/ (lesson 00's from tests/test_jupyterlab.py, which runs it through
 # JupyterLab's UI, strict claims included); the second run builds the site and checks it in Chromium.
 TEST_ENV := $(OFFLINE) OMP_NUM_THREADS=1 COURSE_PROFILE=tiny COURSE_STRICT_CLAIMS=1
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest notebooks tests --ignore=tests/test_site.py --deselect notebooks/00_setup_and_tour.ipynb -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
-	$(TEST_ENV) $(PY) -m pytest tests/test_site.py --durations=5
+	@chromium="$$($(PY) -m course_utils.notebook_tools.browser)" || exit 1; \
+	$(TEST_ENV) COURSE_CHROMIUM="$$chromium" $(PY) -m pytest notebooks tests --ignore=tests/test_site.py --deselect notebooks/00_setup_and_tour.ipynb -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 && \
+	$(TEST_ENV) COURSE_CHROMIUM="$$chromium" $(PY) -m pytest tests/test_site.py --durations=5
 
 # Every lesson whose report in portability/ is stale (or LESSONS="04 09", or LESSONS=--all), under the
 # variations of course_utils/notebook_tools/portability.py: two more seeds, 2 and 4 threads, other CPU
@@ -50,14 +54,19 @@ test: $(STAMP)
 portability: $(STAMP)
 	$(OFFLINE) $(PY) -m course_utils.notebook_tools.portability $(LESSONS)
 
+# The unit tests and every lesson (tiny) in .venv-drift, built from requirements.txt with the newest
+# releases the index offers of the Hugging Face stack, bitsandbytes and torch; writes drift/REPORT.md.
+# Weekly in CI (.github/workflows/drift.yml). About 25 minutes on 2 cores once .venv-drift exists.
+drift: $(STAMP)
+	$(OFFLINE) $(PY) -m course_utils.notebook_tools.drift
+
 # the executed course (artifacts/executed/, from `make run` or `make test`) as a static site
 site: $(STAMP)
 	$(PY) -m course_utils.notebook_tools.site
 
-# Debian's Chromium, for the browser checks in `make test` (tests/test_site.py, tests/test_jupyterlab.py)
-browser:
-	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
-	@/usr/bin/chromium --version
+# The Chromium the browser checks use, found or installed as `make test` does it (it runs this first)
+browser: $(STAMP)
+	@$(PY) -m course_utils.notebook_tools.browser
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

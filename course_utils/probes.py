@@ -41,9 +41,13 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt",
                               padding=True, **truncation).to(device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+            if is_prompt_learning(model):
+                output = greedy_without_cache(model, batch, max_new_tokens, tokenizer.eos_token_id,
+                                              tokenizer.pad_token_id)
+            else:
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=tokenizer.eos_token_id)
             width = batch["input_ids"].shape[1]
             for prompt_ids, mask, row in zip(batch["input_ids"].tolist(),
                                              batch["attention_mask"].tolist(),
@@ -57,6 +61,37 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
                 prompt_text = tokenizer.decode(prompt_ids)
                 results.append((tokenizer.decode(prompt_ids + row)[len(prompt_text):], stopped))
     return results
+
+
+def is_prompt_learning(model) -> bool:
+    """A peft model whose adapter is prompt, prefix or P-tuning (virtual tokens, lesson 03)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.no_grad()
+def greedy_without_cache(model, batch, max_new_tokens: int, eos_token_id: int,
+                         pad_token_id: int) -> torch.Tensor:
+    """Greedy decoding as ``generate(do_sample=False)`` does it, one full forward pass per new
+    token instead of a key/value cache: prompt, then each step's argmax appended (``pad`` after a
+    row's ``</s>``), until every row has stopped. Returns prompt and continuation, as ``generate``.
+
+    For prompt-learning adapters only. peft 0.21 builds their virtual tokens into ``generate``'s
+    cache through ``past_key_values``, which transformers 5.25 renamed (``cache``): there
+    ``generate`` silently continues from the wrong context after the first token, while the
+    forward pass stays right (``tests/test_generation.py`` compares the two for every method)."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
+        next_tokens = torch.where(running, logits.argmax(dim=-1), pad_token_id)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_tokens), 1)],
+                                   dim=1)
+        running &= next_tokens != eos_token_id
+        if not running.any():
+            break
+    return input_ids
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import pytest
 
 from course_utils.course.paths import NOTEBOOKS_DIR
 from course_utils.grading.make_exercises import EXERCISES_DIR, SOLUTIONS_DIR, cell_text
-from course_utils.notebook_tools.site import BROWSER_HELP, CHROMIUM
+from course_utils.notebook_tools.browser import NO_BROWSER, chosen_path
 
 LESSON = "00_setup_and_tour.ipynb"
 EXERCISE = "ex01_memory.ipynb"
@@ -55,8 +55,8 @@ def free_port() -> int:
 def lab(tmp_path_factory):
     """A JupyterLab server on copies of lesson 00 and the exercise; yields its base URL, token and
     root folder."""
-    if not CHROMIUM.exists():
-        pytest.fail(BROWSER_HELP)
+    if chosen_path() is None:
+        pytest.fail(NO_BROWSER)
     root = tmp_path_factory.mktemp("lab")
     (root / "notebooks").mkdir()
     (root / "exercises").mkdir()
@@ -105,7 +105,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        chromium = playwright.chromium.launch(executable_path=str(chosen_path()), args=["--no-sandbox"])
         yield chromium
         chromium.close()
 

@@ -251,7 +251,7 @@ def test_make_test_checks_the_lessons_claims_strictly():
     test_recipe = makefile.split("\ntest:")[1].split("\n\n")[0]
     test_env = makefile.split("\nTEST_ENV :=")[1].split("\n")[0]
     assert "COURSE_STRICT_CLAIMS=1" in test_env
-    assert "$(TEST_ENV) $(PY) -m pytest notebooks tests" in test_recipe
+    assert "$(TEST_ENV) COURSE_CHROMIUM=\"$$chromium\" $(PY) -m pytest notebooks tests" in test_recipe
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert "-p course_utils.notebook_tools.pytest_notebooks" in pyproject  # what makes each lesson a test
 

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from course_utils.course import paths
-from course_utils.notebook_tools import site
+from course_utils.notebook_tools import browser, site
 from course_utils.notebook_tools.run_notebooks import NotebookFailed, execute, lesson_notebooks
 
 SCREENSHOTS = ("index.png", "notebooks_00_setup_and_tour.png")
@@ -21,8 +21,8 @@ SCREENSHOTS = ("index.png", "notebooks_00_setup_and_tour.png")
 
 @pytest.fixture(scope="module", autouse=True)
 def browser_present():
-    if not site.CHROMIUM.exists():
-        pytest.fail(site.BROWSER_HELP)
+    if browser.chosen_path() is None:
+        pytest.fail(browser.NO_BROWSER)
 
 
 def test_the_executed_course_builds_into_a_site_that_checks_out():

@@ -4,7 +4,10 @@
 - ``pytest_notebooks``: the pytest plugin that makes each lesson a test (``make test``).
 - ``portability``: ``make portability``, each lesson under other seeds, thread counts and CPU
   kernels, and the reports in ``portability/``.
-- ``site``: the executed course as a static site (``make site``).
+- ``site``: the executed course as a static site (``make site``); ``browser``: the Chromium its
+  checks and JupyterLab's drive, chosen first by ``make test`` (or one message saying what to
+  install).
+- ``drift``: ``make drift``, the tests and lessons under the newest releases the index offers.
 - ``colab``: the set-up cell every notebook opens with and ``set_up_notebook``, which it calls
   (on Colab it installs the pinned packages; everywhere it hides the library notices);
   ``python -m course_utils.notebook_tools.colab`` rewrites the cell and badges.

@@ -380,14 +380,16 @@ def differences(before: dict, after: dict, limit: int = 5) -> list[str]:
     return found[:limit]
 
 
-def carry(stems: list[str], workdir: Path | None = None) -> dict[str, list[str]]:
+def carry(stems: list[str], workdir: Path | None = None, reuse: bool = True) -> dict[str, list[str]]:
     """After an edit meant to change no number (a moved module, a renamed import, a comment, a
     shorter printout), rerun only the reference variation of each stale lesson; where it measured
     exactly what the stored reference run measured (``measured``), the stored runs of every other
     variation are re-pinned to today's lesson and recipes, each marked ``carried`` with the hashes
     it ran under, and the report is rewritten. Where any number differs, nothing is carried: the
-    lesson stays stale until ``make portability`` reruns every variation. Returns, per lesson, the
-    differences found (empty: carried)."""
+    lesson stays stale until ``make portability`` reruns every variation. With ``reuse=False``
+    (``--carry --rerun``) the reference reruns even where it is fresh: after a change to package
+    code, which the reports' hashes do not cover. Returns, per lesson, the differences found
+    (empty: carried)."""
     workdir = Path(workdir or paths.ARTIFACTS_DIR / "portability")
     reference = VARIATIONS[0]
     stems = [lesson_path(stem).stem for stem in stems]
@@ -398,8 +400,8 @@ def carry(stems: list[str], workdir: Path | None = None) -> dict[str, list[str]]
 
     def run_in_order(chain):  # 08 needs the models 07 builds under the same variation
         for stem in chain:
-            fresh_runs[stem] = (saved_result(workdir, reference, stem)
-                                or run_lesson(stem, reference, workdir, None))
+            saved = saved_result(workdir, reference, stem) if reuse else None
+            fresh_runs[stem] = saved or run_lesson(stem, reference, workdir, None)
 
     chains = [[s for s in stems if s[:2] in chain] for chain in CHAINS]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -681,7 +683,7 @@ def main(argv=None) -> int:
         print("every report is up to date (portability/); --all reruns them")
         return 0
     if args.carry:
-        outcome = carry(stems)
+        outcome = carry(stems, reuse=not args.rerun)
         kept = [stem for stem, found in outcome.items() if found]
         print(f"carried: {len(outcome) - len(kept)} of {len(outcome)} lessons"
               + (f"; still stale (run make portability LESSONS=\"{' '.join(s[:2] for s in kept)}\"): "

@@ -34,12 +34,10 @@ import sys
 from pathlib import Path
 
 from course_utils.course import paths
+from course_utils.notebook_tools import browser as browsers
 from course_utils.notebook_tools.colab import GITHUB_REPO
 from course_utils.notebook_tools.run_notebooks import lesson_notebooks
 
-CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_HELP = ("the browser checks need Debian's Chromium at /usr/bin/chromium: run `make browser` "
-                "(apt-get install chromium) or `sudo apt-get install chromium`")
 TITLE = "Fine-tuning LLMs, from memory math to DPO"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -266,8 +264,9 @@ def check(html_dir: Path, screenshots: Path | None = None, search_term: str | No
     import threading
     from urllib.parse import urldefrag, urlparse
 
-    if not CHROMIUM.exists():
-        raise SiteError(BROWSER_HELP)
+    chromium = browsers.chosen_path()
+    if chromium is None:
+        raise SiteError(browsers.NO_BROWSER)
     from playwright.sync_api import sync_playwright
 
     handler = functools.partial(_QuietHandler, directory=str(html_dir))
@@ -279,7 +278,7 @@ def check(html_dir: Path, screenshots: Path | None = None, search_term: str | No
     problems, ids, links = [], {}, []
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+            browser = playwright.chromium.launch(executable_path=str(chromium),
                                                  args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             console: list[str] = []
