@@ -58,7 +58,7 @@ portability: $(STAMP)
 # releases the index offers of the Hugging Face stack, bitsandbytes and torch; writes drift/REPORT.md.
 # Weekly in CI (.github/workflows/drift.yml). About 25 minutes on 2 cores once .venv-drift exists.
 drift: $(STAMP)
-	$(OFFLINE) $(PY) -m course_utils.notebook_tools.drift
+	$(OFFLINE) $(PY) -m course_utils.notebook_tools.drift $(DRIFT_ARGS)
 
 # the executed course (artifacts/executed/, from `make run` or `make test`) as a static site
 site: $(STAMP)

@@ -83,7 +83,10 @@ def greedy_without_cache(model, batch, max_new_tokens: int, eos_token_id: int,
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
+        # positions count real tokens only, as generate() numbers a left-padded row
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids).logits[:, -1]
         next_tokens = torch.where(running, logits.argmax(dim=-1), pad_token_id)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_tokens), 1)],

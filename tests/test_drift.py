@@ -55,8 +55,15 @@ def test_the_weekly_workflow_runs_make_drift_and_opens_an_issue_on_failure():
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
     assert triggers["schedule"][0]["cron"].split()[4] == "1"  # weekly, on Mondays
     steps = workflow["jobs"]["drift"]["steps"]
-    assert any(step.get("run") == "make drift" for step in steps)
+    assert any(step.get("run", "").startswith("make drift") for step in steps)
+    assert workflow["jobs"]["drift"]["strategy"]["matrix"]["torch"] == ["newest", "colab"]
     issue = [step for step in steps if step.get("if") == "failure()"]
     assert issue and "gh issue create" in issue[0]["run"] and "drift/REPORT.md" in issue[0]["run"]
     assert workflow["permissions"]["issues"] == "write"
     assert "drift:" in (REPO_ROOT / "Makefile").read_text()
+
+
+def test_colabs_torch_is_read_from_googles_published_package_list(tmp_path):
+    freeze = tmp_path / "pip-freeze.gpu.txt"
+    freeze.write_text("tokenizers==0.22.1\ntorch==2.11.0+cu128\ntorchao==0.10.0\n")
+    assert drift.colab_torch(freeze.as_uri()) == "2.11.0"

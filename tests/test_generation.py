@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from course_utils import peft_comparison, probes
 from course_utils.course.models import load_model_and_tokenizer
 from course_utils.course.profiles import tiny_profile
 
-QUESTIONS = ["Where does Odile live?", "What is Alder's favourite colour?", "Who is Briony's friend?"]
-NEW_TOKENS = 8
+# of different lengths, so that a batch is left-padded as the lessons' batches are (with a shifted
+# position for every padded token, prefix tuning answers differently: the bug this would show)
+QUESTIONS = ["Where does Odile live?", "Tell me, please, in one short sentence: what is Alder's favourite "
+             "colour?", "Who is Briony's friend?", "What does Sabine do?", "Where does Alder live, and "
+             "with whom?", "Odile's pet?"]
+NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,7 @@ def adapted(name, base_model):
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model.eval()
 
 
@@ -72,14 +77,31 @@ def test_generate_matches_the_forward_pass(name, course_model):
 
 @pytest.mark.parametrize("name", peft_comparison.METHODS)
 def test_the_course_generates_what_the_forward_pass_says(name, course_model):
-    """``probes.greedy_generate``, which every lesson's answers go through, batched and left-padded
-    as lessons call it, on both the pinned and the newest releases."""
+    """``probes.greedy_generate``, which every lesson's answers go through, on both the pinned and
+    the newest releases (one prompt per call: a left-padded batch changes what a prompt-learning
+    adapter answers, in ``generate`` too, because peft ignores their position ids)."""
     base_model, tokenizer = course_model
     model = adapted(name, base_model)
-    replies = probes.greedy_generate(model, tokenizer, prompts(tokenizer), NEW_TOKENS)
-    for prompt, (text, stopped) in zip(prompts(tokenizer), replies):
+    for prompt in prompts(tokenizer):
+        (text, stopped), = probes.greedy_generate(model, tokenizer, [prompt], NEW_TOKENS)
         oracle = step_by_step(model, tokenizer, prompt)
         prompt_ids = tokenizer(prompt).input_ids
         expected = tokenizer.decode(prompt_ids + [t for t in oracle if t != tokenizer.eos_token_id])
         assert (text, stopped) == (expected[len(tokenizer.decode(prompt_ids)):],
                                    tokenizer.eos_token_id in oracle), name
+
+
+@pytest.mark.skipif(tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 25),
+                    reason="generate() is itself wrong for prompt learning from transformers 5.25")
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_decoding_without_a_cache_answers_a_padded_batch_as_generate_does(name, course_model):
+    """On the pinned releases, where ``generate`` is right, the course's cache-free decoding gives
+    the same replies for a left-padded batch (position ids counted as ``generate`` counts them)."""
+    base_model, tokenizer = course_model
+    model = adapted(name, base_model)
+    batch = prompts(tokenizer)
+    ours = probes.greedy_generate(model, tokenizer, batch, NEW_TOKENS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probes, "is_prompt_learning", lambda model: False)  # transformers' generate()
+        theirs = probes.greedy_generate(model, tokenizer, batch, NEW_TOKENS)
+    assert ours == theirs

@@ -37,6 +37,8 @@ DRIFTING = ("torch", "transformers", "tokenizers", "accelerate", "peft", "trl", 
 VENV = REPO_ROOT / ".venv-drift"
 REPORT_DIR = REPO_ROOT / "drift"
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)")
+#: what Google publishes of its Colab GPU runtime's packages (``pip freeze``, updated with the image)
+COLAB_FREEZE = "https://raw.githubusercontent.com/googlecolab/backend-info/main/pip-freeze.gpu.txt"
 
 #: failures a session has traced to their cause: (pattern in the failure's text, the change)
 KNOWN_CAUSES = [
@@ -51,8 +53,14 @@ KNOWN_CAUSES = [
 ]
 
 
+def normalized(name: str) -> str:
+    """A distribution's name as the package index compares them (``huggingface_hub`` is
+    ``huggingface-hub``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def pinned_versions(requirements: Path = REPO_ROOT / "requirements.txt") -> dict[str, str]:
-    return {m.group(1).lower(): m.group(2) for line in requirements.read_text().splitlines()
+    return {normalized(m.group(1)): m.group(2) for line in requirements.read_text().splitlines()
             if (m := PIN.match(line.strip()))}
 
 
@@ -64,12 +72,28 @@ def newest_version(package: str, python: str = sys.executable) -> str | None:
     return match.group(1) if match else None
 
 
+def colab_torch(url: str = COLAB_FREEZE) -> str:
+    """The torch version Colab's GPU runtime ships (its CUDA suffix dropped), from Google's
+    published ``pip freeze`` of the image."""
+    from urllib.request import urlopen
+
+    try:
+        text = urlopen(url, timeout=30).read().decode()
+    except OSError as error:
+        raise SystemExit(f"cannot read Colab's package list at {url} ({error}); give a version "
+                         "instead: --torch 2.11.0") from error
+    match = re.search(r"^torch==([0-9.]+)", text, re.MULTILINE)
+    if not match:
+        raise SystemExit(f"no torch pin in {url}")
+    return match.group(1)
+
+
 def drift_requirements(pins: dict[str, str], newest: dict[str, str]) -> str:
     """``requirements.txt`` with each drifting package at its newest version."""
     lines = []
     for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
         match = PIN.match(line.strip())
-        name = match.group(1).lower() if match else None
+        name = normalized(match.group(1)) if match else None
         lines.append(f"{match.group(1)}=={newest[name]}" if name in newest else line)
     lines += [f"{name}=={version}" for name, version in newest.items() if name not in pins]
     return "\n".join(lines) + "\n"
@@ -81,8 +105,9 @@ def pip_install(requirements: str, log: list[str]) -> tuple[bool, str]:
     result = subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r",
                              str(path)], capture_output=True, text=True)
     log.append(result.stdout[-2000:] + result.stderr[-4000:])
-    last = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
-    return result.returncode == 0, (last[-1] if last else "")
+    why = [line.strip() for line in result.stderr.splitlines()
+           if "requested" in line or line.startswith("ERROR")]
+    return result.returncode == 0, "; ".join(why[:4])
 
 
 def build_environment(newest: dict[str, str], pins: dict[str, str]) -> dict:
@@ -104,18 +129,22 @@ def build_environment(newest: dict[str, str], pins: dict[str, str]) -> dict:
         raise SystemExit(f"the drift environment could not be built: {error}\n" + log[-1][-3000:])
     subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
                     "-e", str(REPO_ROOT)], check=True)
-    installed = subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "freeze"],
-                               capture_output=True, text=True).stdout
-    versions = {m.group(1).lower(): m.group(2) for line in installed.splitlines()
+    return {"tried": newest, "installed": installed_versions(), "kept_at_pin": kept}
+
+
+def installed_versions() -> dict[str, str | None]:
+    """What ``.venv-drift`` holds of each drifting package."""
+    frozen = subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "freeze"],
+                            capture_output=True, text=True).stdout
+    versions = {normalized(m.group(1)): m.group(2) for line in frozen.splitlines()
                 if (m := PIN.match(line))}
-    return {"tried": newest, "installed": {name: versions.get(name) for name in DRIFTING},
-            "kept_at_pin": kept}
+    return {name: versions.get(name) for name in DRIFTING}
 
 
 def run_pytest(name: str, arguments: list[str]) -> dict:
     """pytest under ``.venv-drift`` as ``make test`` runs it (one thread per worker, strict
     claims), with its JUnit XML read back."""
-    junit = REPORT_DIR / f"junit-{name}.xml"
+    junit = REPORT_DIR / f"junit-{slug(name)}.xml"
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "COURSE_PROFILE": "tiny",
            "COURSE_STRICT_CLAIMS": "1", "PATH": f"{VENV / 'bin'}:/usr/bin:/bin",
@@ -125,6 +154,10 @@ def run_pytest(name: str, arguments: list[str]) -> dict:
                     "--dist", "loadgroup", "-p", "no:cacheprovider", f"--junitxml={junit}"],
                    env=env, cwd=REPO_ROOT)
     return {"name": name, "seconds": round(time.perf_counter() - start), **read_junit(junit)}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def read_junit(path: Path) -> dict:
@@ -185,10 +218,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lessons-only", action="store_true", help="skip the unit tests")
     parser.add_argument("--tests", nargs="*", help="only these test paths (default: every unit test)")
+    parser.add_argument("--torch", help="a torch version to pair with the newest stack instead of "
+                        "the newest torch; 'colab' reads the one Colab's GPU runtime ships")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite drift/REPORT.md from the last run's results and .venv-drift")
     args = parser.parse_args(argv)
     REPORT_DIR.mkdir(exist_ok=True)
+    if args.report_only:
+        report = json.loads((REPORT_DIR / "report.json").read_text())
+        report["environment"]["installed"] = installed_versions()
+        report["runs"] = [{**run_, **read_junit(REPORT_DIR / f"junit-{slug(run_['name'])}.xml")}
+                          for run_ in report["runs"]]
+        (REPORT_DIR / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (REPORT_DIR / "REPORT.md").write_text(report_markdown(report))
+        print((REPORT_DIR / "REPORT.md").read_text())
+        return 1 if any(run_["failed"] for run_ in report["runs"]) else 0
     pins = pinned_versions()
     newest = {name: version for name in DRIFTING if (version := newest_version(name))}
+    if args.torch:
+        newest["torch"] = colab_torch() if args.torch == "colab" else args.torch
     print("newest offered:", ", ".join(f"{n} {v}" for n, v in newest.items()), flush=True)
     environment = build_environment(newest, pins)
     print("installed:", environment["installed"], environment["kept_at_pin"] or "", flush=True)

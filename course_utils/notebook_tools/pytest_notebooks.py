@@ -6,6 +6,12 @@ every lesson notebook in ``notebooks/`` is a test, executed as ``make run`` exec
 A notebook passes when no cell raises (the lessons' ``check_claims`` raise under
 ``COURSE_STRICT_CLAIMS=1``); a failure shows the cell, the error, the end of its traceback and the
 executed copy's path.
+
+With ``--nbmake`` (the ``nbmake`` plugin, pinned), this plugin steps aside and nbmake runs what it
+is given, lessons included: ``pytest --nbmake notebooks solutions``, as nbmake's users type it.
+``make test`` uses this plugin for the lessons because nbmake can keep a notebook's outputs only
+by writing them back into the committed file (``--overwrite``), and the lessons are committed
+without outputs; the site would need them executed a second time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ CELL_TIMEOUT_S = 900
 
 
 def pytest_collect_file(parent, file_path):
+    if getattr(parent.config.option, "nbmake", False):
+        return None
     if file_path.suffix == ".ipynb" and file_path.parent == paths.NOTEBOOKS_DIR:
         return LessonNotebook.from_parent(parent, path=file_path)
     return None
