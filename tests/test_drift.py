@@ -9,7 +9,8 @@ from course_utils.course.paths import REPO_ROOT
 from course_utils.notebook_tools import drift
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
-<testcase classname="tests.test_generation" name="test_generate_matches_the_forward_pass[p_tuning]">
+<testcase classname="tests.test_generation"
+ name="test_generate_matches_the_forward_pass[p_tuning]@test_generation]">
 <failure message="AssertionError: p_tuning: generate [790, 539] vs forward pass [790, 366]">
 self = &lt;...&gt;
 /x/.venv-drift/lib/python3.11/site-packages/transformers/generation/utils.py:2615: in generate
@@ -38,6 +39,7 @@ def test_the_report_names_each_failure_its_call_and_a_known_cause(tmp_path):
     result = drift.read_junit(junit)
     assert result["passed"] == 1 and len(result["failed"]) == 2
     generation, missing = result["failed"]
+    assert generation["test"] == "tests/test_generation.py::test_generate_matches_the_forward_pass[p_tuning]"
     assert generation["call"] == "transformers/generation/utils.py:2615"
     assert "peft 0.21.2" in generation["cause"] and missing["cause"] is None
     assert missing["call"] == "trl/__init__.py:12"

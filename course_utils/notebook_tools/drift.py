@@ -40,6 +40,10 @@ PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)")
 #: what Google publishes of its Colab GPU runtime's packages (``pip freeze``, updated with the image)
 COLAB_FREEZE = "https://raw.githubusercontent.com/googlecolab/backend-info/main/pip-freeze.gpu.txt"
 
+#: test modules a drift run leaves out: browser checks, and checks of the repository's own files
+REPOSITORY_ONLY = ("test_site.py", "test_jupyterlab.py", "test_portability.py", "test_repository.py",
+                   "test_exercises.py")
+
 #: failures a session has traced to their cause: (pattern in the failure's text, the change)
 KNOWN_CAUSES = [
     (r"test_generate_matches_the_forward_pass\[(prompt_tuning|p_tuning|prefix_tuning)\]",
@@ -105,8 +109,8 @@ def pip_install(requirements: str, log: list[str]) -> tuple[bool, str]:
     result = subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r",
                              str(path)], capture_output=True, text=True)
     log.append(result.stdout[-2000:] + result.stderr[-4000:])
-    why = [line.strip() for line in result.stderr.splitlines()
-           if "requested" in line or line.startswith("ERROR")]
+    why = [line.strip() for line in (result.stdout + result.stderr).splitlines()
+           if "requested" in line or line.startswith("ERROR: Cannot")]
     return result.returncode == 0, "; ".join(why[:4])
 
 
@@ -118,7 +122,7 @@ def build_environment(newest: dict[str, str], pins: dict[str, str]) -> dict:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "--upgrade",
                         "pip"], check=True)
-    kept = {}
+    kept, tried = {}, dict(newest)
     ok, error = pip_install(drift_requirements(pins, newest), log)
     if not ok and newest.get("torch") != pins.get("torch"):
         kept["torch"] = (f"torch {newest['torch']} could not be installed here ({error or 'pip failed'}); "
@@ -129,7 +133,7 @@ def build_environment(newest: dict[str, str], pins: dict[str, str]) -> dict:
         raise SystemExit(f"the drift environment could not be built: {error}\n" + log[-1][-3000:])
     subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
                     "-e", str(REPO_ROOT)], check=True)
-    return {"tried": newest, "installed": installed_versions(), "kept_at_pin": kept}
+    return {"tried": tried, "installed": installed_versions(), "kept_at_pin": kept}
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -171,9 +175,11 @@ def read_junit(path: Path) -> dict:
         if problem is None:
             passed += case.find("skipped") is None
             continue
-        test = f"{case.get('classname')}::{case.get('name')}"
+        name = re.sub(r"@[\w.-]+\]?$", "", case.get("name"))  # xdist's group suffix
+        name += "]" * (name.count("[") - name.count("]"))
+        test = f"{case.get('classname').replace('.', '/')}.py::{name}"
         text = (problem.get("message") or "") + "\n" + (problem.text or "")
-        failed.append({"test": test, "message": (problem.get("message") or "")[:400],
+        failed.append({"test": test, "message": " ".join((problem.get("message") or "").split())[:400],
                        "call": breaking_call(text), "cause": known_cause(test + "\n" + text)})
     return {"passed": passed, "failed": failed}
 
@@ -242,11 +248,18 @@ def main(argv=None) -> int:
     print("installed:", environment["installed"], environment["kept_at_pin"] or "", flush=True)
     runs = []
     if not args.lessons_only:
-        runs.append(run_pytest("unit tests", [*(args.tests or ["tests"]), "-m", "not notebook",
-                                              "--ignore=tests/test_site.py",
-                                              "--ignore=tests/test_jupyterlab.py"]))
+        # the browser checks, and the checks of the repository's own files (portability reports,
+        # links, lint), which no library version changes
+        name = "unit tests" if not args.tests else f"unit tests ({', '.join(args.tests)} only)"
+        runs.append(run_pytest(name, [*(args.tests or ["tests"]), "-m", "not notebook",
+                                              *(f"--ignore=tests/{name}" for name in REPOSITORY_ONLY)]))
     if not args.tests:
         runs.append(run_pytest("lessons (tiny profile)", ["notebooks"]))
+    if args.lessons_only or args.tests:  # a partial run replaces its part of the last report
+        earlier = json.loads((REPORT_DIR / "report.json").read_text()).get("runs", []) \
+            if (REPORT_DIR / "report.json").exists() else []
+        names = {run_["name"] for run_ in runs}
+        runs = [run_ for run_ in earlier if run_["name"] not in names] + runs
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "python": sys.version.split()[0], "pins": pins, "environment": environment,
               "runs": runs}
