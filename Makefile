@@ -54,9 +54,9 @@ test: $(STAMP)
 portability: $(STAMP)
 	$(OFFLINE) $(PY) -m course_utils.notebook_tools.portability $(LESSONS)
 
-# The unit tests and every lesson (tiny) in .venv-drift, built from requirements.txt with the newest
+# The unit tests and every lesson (tiny) in artifacts/drift-venv, built from requirements.txt with the newest
 # releases the index offers of the Hugging Face stack, bitsandbytes and torch; writes drift/REPORT.md.
-# Weekly in CI (.github/workflows/drift.yml). About 25 minutes on 2 cores once .venv-drift exists.
+# Weekly in CI (.github/workflows/drift.yml). About 25 minutes on 2 cores once artifacts/drift-venv exists.
 drift: $(STAMP)
 	$(OFFLINE) $(PY) -m course_utils.notebook_tools.drift $(DRIFT_ARGS)
 

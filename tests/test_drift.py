@@ -13,13 +13,13 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
  name="test_generate_matches_the_forward_pass[p_tuning]@test_generation]">
 <failure message="AssertionError: p_tuning: generate [790, 539] vs forward pass [790, 366]">
 self = &lt;...&gt;
-/x/.venv-drift/lib/python3.11/site-packages/transformers/generation/utils.py:2615: in generate
+/x/artifacts/drift-venv/lib/python3.11/site-packages/transformers/generation/utils.py:2615: in generate
     result = decoding_method(
 tests/test_generation.py:70: AssertionError</failure></testcase>
 <testcase classname="tests.test_data" name="test_ok"/>
 <testcase classname="tests.test_data" name="test_skipped"><skipped message="no GPU"/></testcase>
 <testcase classname="tests.test_x" name="test_new"><error message="ImportError: cannot import name 'Foo'">
-/x/.venv-drift/lib/python3.11/site-packages/trl/__init__.py:12: in &lt;module&gt;
+/x/artifacts/drift-venv/lib/python3.11/site-packages/trl/__init__.py:12: in &lt;module&gt;
 </error></testcase></testsuite></testsuites>"""
 
 

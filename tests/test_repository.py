@@ -169,7 +169,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 def markdown_sources():
     yield REPO_ROOT / "README.md", (REPO_ROOT / "README.md").read_text()
     for md in sorted(REPO_ROOT.glob("*/**/README.md")):
-        if not {".venv", ".venv-drift", "artifacts"} & set(md.parts):
+        if not {".venv", "artifacts"} & set(md.parts):
             yield md, md.read_text()
     for path in NOTEBOOKS:
         text = "\n".join("".join(c["source"]) for c in load(path)["cells"]

@@ -6,7 +6,7 @@ the Colab set-up cell installs the pins on top of whatever torch Colab ships. Th
 
 1. asks the index (``pip index versions``, which honours this Python) for the newest release of
    each package in ``DRIFTING``: the Hugging Face stack, bitsandbytes and torch;
-2. builds ``.venv-drift`` from ``requirements.txt`` with those versions in place of the pins (a torch
+2. builds ``artifacts/drift-venv`` from ``requirements.txt`` with those versions in place of the pins (a torch
    the index cannot install here is kept at its pin, and the report says why);
 3. runs the unit tests and every lesson in the ``tiny`` profile (claims strict, as ``make test``)
    under it, with JUnit XML for each;
@@ -34,7 +34,8 @@ from course_utils.course.paths import REPO_ROOT
 
 DRIFTING = ("torch", "transformers", "tokenizers", "accelerate", "peft", "trl", "datasets",
             "bitsandbytes", "huggingface-hub", "safetensors")
-VENV = REPO_ROOT / ".venv-drift"
+#: under artifacts/ (git-ignored, outside every folder of notebooks the course checks)
+VENV = REPO_ROOT / "artifacts" / "drift-venv"
 REPORT_DIR = REPO_ROOT / "drift"
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)")
 #: what Google publishes of its Colab GPU runtime's packages (``pip freeze``, updated with the image)
@@ -115,7 +116,7 @@ def pip_install(requirements: str, log: list[str]) -> tuple[bool, str]:
 
 
 def build_environment(newest: dict[str, str], pins: dict[str, str]) -> dict:
-    """``.venv-drift`` with the newest versions; torch falls back to its pin where the index
+    """``artifacts/drift-venv`` with the newest versions; torch falls back to its pin where the index
     cannot install the newest here (recorded with pip's reason)."""
     log: list[str] = []
     if not (VENV / "bin" / "python").exists():
@@ -137,7 +138,7 @@ def build_environment(newest: dict[str, str], pins: dict[str, str]) -> dict:
 
 
 def installed_versions() -> dict[str, str | None]:
-    """What ``.venv-drift`` holds of each drifting package."""
+    """What ``artifacts/drift-venv`` holds of each drifting package."""
     frozen = subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "freeze"],
                             capture_output=True, text=True).stdout
     versions = {normalized(m.group(1)): m.group(2) for line in frozen.splitlines()
@@ -146,7 +147,7 @@ def installed_versions() -> dict[str, str | None]:
 
 
 def run_pytest(name: str, arguments: list[str]) -> dict:
-    """pytest under ``.venv-drift`` as ``make test`` runs it (one thread per worker, strict
+    """pytest under ``artifacts/drift-venv`` as ``make test`` runs it (one thread per worker, strict
     claims), with its JUnit XML read back."""
     junit = REPORT_DIR / f"junit-{slug(name)}.xml"
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--torch", help="a torch version to pair with the newest stack instead of "
                         "the newest torch; 'colab' reads the one Colab's GPU runtime ships")
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite drift/REPORT.md from the last run's results and .venv-drift")
+                        help="rewrite drift/REPORT.md from the last run's results and artifacts/drift-venv")
     args = parser.parse_args(argv)
     REPORT_DIR.mkdir(exist_ok=True)
     if args.report_only:
