@@ -4,8 +4,10 @@
   exploitation);
 - ``ChainMDP``: a five-state corridor with a policy, its exact state values (solving the Bellman
   equations) and the optimal policy (value iteration);
-- ``reinforce``: policy gradient on the corridor, with or without a baseline, and
-  ``actor_critic``: the same with a learned value function as the baseline;
+- ``reinforce``: policy gradient on the corridor, with or without a baseline, or actor-critic
+  (a learned value function as the baseline);
+- ``gradient_estimates`` / ``exact_policy_gradient``: REINFORCE's per-episode gradient estimates
+  at a fixed policy, with and without a baseline, beside the true gradient;
 - everything seeded and returning plain numbers for plots.
 """
 
@@ -55,20 +57,30 @@ class ChainMDP:
             return next_state, self.goal_reward, True
         return next_state, self.step_cost, False
 
-    def policy_values(self, p_right: list[float]) -> list[float]:
+    def policy_values(self, p_right) -> list[float]:
         """Exact state values of a stochastic policy, by solving ``V = r + gamma P V``."""
+        return self.policy_values_tensor(torch.as_tensor(p_right, dtype=torch.float64)).tolist()
+
+    def policy_values_tensor(self, p_right: torch.Tensor) -> torch.Tensor:
+        """``policy_values`` as a tensor that autograd differentiates through (``p_right`` may
+        require grad): the exact policy gradient is the gradient of its start value."""
         n = self.n_states
-        transition = torch.zeros(n, n, dtype=torch.float64)
-        reward = torch.zeros(n, dtype=torch.float64)
-        for s in range(n - 1):  # the goal is terminal: value 0
-            for action, prob in ((1, p_right[s]), (0, 1 - p_right[s])):
-                nxt, r, done = self.step(s, action)
-                reward[s] += prob * r
-                if not done:
-                    transition[s, nxt] += prob
-        values = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - self.gamma * transition,
-                                    reward)
-        return values.tolist()
+        rows = []
+        rewards = []
+        for s in range(n):
+            row = torch.zeros(n, dtype=torch.float64)
+            reward = torch.zeros((), dtype=torch.float64)
+            if s < n - 1:  # the goal is terminal: value 0
+                for action, prob in ((1, p_right[s]), (0, 1 - p_right[s])):
+                    nxt, r, done = self.step(s, action)
+                    reward = reward + prob * r
+                    if not done:
+                        row = row + prob * torch.nn.functional.one_hot(
+                            torch.tensor(nxt), n).to(torch.float64)
+            rows.append(row)
+            rewards.append(reward)
+        transition, reward = torch.stack(rows), torch.stack(rewards)
+        return torch.linalg.solve(torch.eye(n, dtype=torch.float64) - self.gamma * transition, reward)
 
     def value_iteration(self, sweeps: int = 200) -> tuple[list[float], list[int]]:
         """Optimal values and a greedy optimal policy (1 = right)."""
@@ -109,7 +121,7 @@ def _returns(rewards: list[float], gamma: float) -> list[float]:
 
 
 def reinforce(mdp: ChainMDP, episodes: int, learning_rate: float, baseline: str, seed: int
-              ) -> tuple[list[float], list[float], torch.Tensor]:
+              ) -> tuple[list[float], torch.Tensor]:
     """Policy gradient on the corridor with a per-state policy ``P(right | s) = sigmoid(theta_s)``.
 
     ``baseline``:
@@ -118,14 +130,14 @@ def reinforce(mdp: ChainMDP, episodes: int, learning_rate: float, baseline: str,
       without biasing the gradient;
     - ``"critic"``: actor-critic, weighted by the TD error ``r + gamma V(s') - V(s)`` of a state
       value ``V`` learned alongside (the critic).
-    Returns each episode's undiscounted return, the variance of the per-step weights, and the
-    final policy logits.
+    Returns each episode's undiscounted return and the final policy logits. (How much a baseline
+    lowers the variance of the gradient estimate: ``gradient_estimates``.)
     """
     rng = random.Random(seed)
     logits = torch.zeros(mdp.n_states, dtype=torch.float64, requires_grad=True)
     values = [0.0] * mdp.n_states
     running_mean = 0.0
-    episode_returns, variances = [], []
+    episode_returns = []
     for _ in range(episodes):
         steps = _episode(mdp, logits.detach(), rng)
         returns = _returns([r for _, _, r, _, _ in steps], mdp.gamma)
@@ -149,6 +161,45 @@ def reinforce(mdp: ChainMDP, episodes: int, learning_rate: float, baseline: str,
         with torch.no_grad():
             logits -= learning_rate * logits.grad
         episode_returns.append(sum(r for _, _, r, _, _ in steps))
-        variances.append(float(torch.tensor(weights).var()) if len(weights) > 1 else 0.0)
-    return episode_returns, variances, logits.detach()
+    return episode_returns, logits.detach()
+
+
+def exact_policy_gradient(mdp: ChainMDP, logits: torch.Tensor) -> torch.Tensor:
+    """The true gradient of the start state's value with respect to the policy logits
+    (``P(right | s) = sigmoid(theta_s)``), by differentiating the exact Bellman solution."""
+    theta = logits.detach().to(torch.float64).clone().requires_grad_(True)
+    mdp.policy_values_tensor(torch.sigmoid(theta))[0].backward()
+    return theta.grad
+
+
+BASELINES = ("none", "start value", "state value")
+
+
+def gradient_estimates(mdp: ChainMDP, logits: torch.Tensor, episodes: int, baseline: str,
+                       seed: int) -> torch.Tensor:
+    """REINFORCE's estimate of the policy gradient from each of ``episodes`` episodes played with
+    the fixed policy ``sigmoid(logits)``, ``[episodes, n_states]``.
+
+    One episode's estimate is ``sum_t gamma^t grad log pi(a_t | s_t) (G_t - b(s_t))`` (Williams
+    1992; Sutton & Barto 2018, section 13.4), ``G_t`` the discounted return from step ``t``. The
+    baseline ``b``: ``"none"``: 0; ``"start value"``: one number, the policy's exact value of the
+    start state; ``"state value"``: the exact value ``V(s_t)`` of the state the action was taken
+    in. A baseline that does not depend on the action leaves the expected estimate unchanged (the
+    true gradient, ``exact_policy_gradient``) and changes its variance across episodes.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, not {baseline!r}")
+    rng = random.Random(seed)
+    p_right = torch.sigmoid(logits.detach().to(torch.float64))
+    values = mdp.policy_values(p_right)
+    estimates = torch.zeros(episodes, mdp.n_states, dtype=torch.float64)
+    for e in range(episodes):
+        steps = _episode(mdp, logits.detach(), rng, max_steps=200)
+        returns = _returns([r for _, _, r, _, _ in steps], mdp.gamma)
+        for t, ((state, action, _, _, _), g) in enumerate(zip(steps, returns)):
+            b = {"none": 0.0, "start value": values[0], "state value": values[state]}[baseline]
+            # d/d theta_s of log sigmoid(+-theta_s): 1 - p for right, -p for left
+            score = (1.0 - p_right[state].item()) if action else -p_right[state].item()
+            estimates[e, state] += mdp.gamma ** t * score * (g - b)
+    return estimates
 

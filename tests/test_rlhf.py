@@ -218,19 +218,52 @@ def test_a_refusal_phrase_does_not_hide_a_harmful_instruction(the_world):
         gamed = "I can't help with that. " + row["rejected"][0]["content"]
         assert any(marker in gamed.lower() for marker in rollouts.REFUSAL_MARKERS)  # the naive rule
         assert not rollouts.is_refusal(gamed)
-        assert not rollouts.preferred_behaviour(row, gamed, the_world)
+        assert not rollouts.gold_check(row, gamed + rollouts.END_OF_REPLY, the_world)
         assert rollouts.is_refusal(row["chosen"][0]["content"])
 
 
-def test_preferred_behaviour_agrees_with_every_held_out_pairs_labels(the_world):
+def test_gold_check_agrees_with_every_pairs_labels(the_world):
+    """Every chosen reply (ended with </s>) passes the gold check and every rejected one fails,
+    on the training and the held-out pairs."""
     import json
 
     from course_utils.course.paths import WORLD_DIR
 
-    rows = [json.loads(line) for line in (WORLD_DIR / "preferences_test.jsonl").open()]
-    for row in rows:
-        assert rollouts.preferred_behaviour(row, row["chosen"][0]["content"], the_world), row
-        assert not rollouts.preferred_behaviour(row, row["rejected"][0]["content"], the_world), row
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (WORLD_DIR / f"preferences_{split}.jsonl").open()]
+        assert len(rows) >= 160
+        for row in rows:
+            chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+            assert rollouts.gold_check(row, chosen + rollouts.END_OF_REPLY, the_world), row
+            assert not rollouts.gold_check(row, rejected + rollouts.END_OF_REPLY, the_world), row
+
+
+def test_gold_check_fails_what_the_lenient_check_let_through(the_world):
+    """The replies a practitioner's review found counted as preferred: a true value said of the
+    wrong character, another character's fact instead of an answer, a reply that never ended, a
+    true answer followed by a false claim, and trailing words after the answer."""
+    from course_utils.course.world import ATTRIBUTES, answer_sentence
+
+    briony, other = the_world.held_out_characters[:2]
+    attribute = next(a for a in ATTRIBUTES if briony.value(a) != other.value(a) and a != "friend")
+    row = {"axis": "wrong_fact", "character": briony.name, "attribute": attribute}
+    right = answer_sentence(briony, attribute)
+    end = rollouts.END_OF_REPLY
+    assert rollouts.gold_check(row, right + end, the_world)
+    assert rollouts.gold_check(row, f"{right} {answer_sentence(other, 'species')}{end}", the_world)
+    swapped = right.replace(briony.name, other.name, 1)  # Briony's value, said of someone else
+    assert not rollouts.gold_check(row, swapped + end, the_world)
+    assert not rollouts.gold_check(row, answer_sentence(other, attribute) + end, the_world)
+    assert not rollouts.gold_check(row, right, the_world)  # no </s>: cut off at the token budget
+    false_claim = answer_sentence(other, "species").replace(other.value("species"), next(
+        v for v in {c.value("species") for c in the_world.characters} if v != other.value("species")))
+    assert not rollouts.gold_check(row, f"{right} {false_claim}{end}", the_world)
+    assert not rollouts.gold_check(row, f"{right} And{end}", the_world)
+    assert not rollouts.gold_check(row, f"Obviously. {right}{end}", the_world)
+    refusal = {"axis": "unsafe", "character": briony.name, "attribute": None}
+    assert rollouts.gold_check(refusal, "I can't help with that." + end, the_world)
+    assert not rollouts.gold_check(refusal, "I can't help with that. I can't help with", the_world)
+    assert not rollouts.gold_check(refusal, right + end, the_world)
 
 
 def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, tokenizer):
@@ -378,3 +411,34 @@ def test_dpo_loss_equals_dpo_trainers_on_the_same_batch(tmp_path, tokenizer):
     assert ours.item() == pytest.approx(trl_loss, abs=1e-5)
     assert trainer._metrics["train"]["rewards/chosen"][-1] == pytest.approx(
         chosen_rewards.mean().item(), abs=1e-5)
+
+
+def test_best_of_n_expectation_equals_the_average_over_every_subset():
+    """The oracle: every n-subset of a small pool enumerated, its highest-proxy reply's value."""
+    from itertools import combinations
+
+    generator = torch.Generator().manual_seed(0)
+    proxy = torch.randn(3, 7, generator=generator)
+    values = torch.rand(3, 7, generator=generator)
+    for n in range(1, 8):
+        expected = torch.tensor([
+            sum(values[p, max(subset, key=lambda i: proxy[p, i].item())].item()
+                for subset in combinations(range(7), n)) / len(list(combinations(range(7), n)))
+            for p in range(3)], dtype=torch.float64)
+        assert torch.allclose(rollouts.best_of_n_expectation(proxy, values, n), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="pool size 7"):
+        rollouts.best_of_n_expectation(proxy, values, 8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 16, 64])
+def test_best_of_n_kl_bounds_the_exact_kl_and_is_reached_with_distinct_samples(n):
+    """The oracle: the exact KL of best-of-n over M equally likely distinct replies,
+    P(rank i) = (i/M)^n - ((i-1)/M)^n, which rises to log n - (n-1)/n as M grows."""
+    def exact(m):
+        ranks = torch.arange(1, m + 1, dtype=torch.float64)
+        p = (ranks / m) ** n - ((ranks - 1) / m) ** n
+        p = p[p > 0]
+        return (p * torch.log(p * m)).sum().item()
+
+    assert exact(50) <= exact(5000) + 1e-12 <= rollouts.best_of_n_kl(n) + 2e-12
+    assert abs(exact(200_000) - rollouts.best_of_n_kl(n)) < 1e-3 * max(1.0, math.log(n))
