@@ -7,7 +7,8 @@ on the course's preference pairs.
 - ``dpo_config``, ``dpo_peft_config``, ``load_dpo_policy``, ``make_dpo_trainer``: trl's
   ``DPOConfig``/``DPOTrainer`` and peft's ``LoraConfig`` from the ``dpo`` recipe, on the SFT model
   in 4-bit when the recipe quantizes (lesson 10 builds the same objects in its cells);
-- ``pair_logprobs``: every pair's log-probabilities, collated exactly as the trainer does;
+- ``pair_logprobs`` / ``pair_completion_tokens``: every pair's log-probabilities and reply lengths,
+  collated exactly as the trainer does;
 - ``stack_dpo_adapter`` / ``build_dpo_model``: the adapter on the full-precision SFT model (to be
   merged), and the lesson's recipe in one call, for ``pipeline.ensure_stage("dpo")``.
 """
@@ -102,6 +103,22 @@ def pair_logprobs(model, trainer, split: str, batch_size: int) -> tuple[torch.Te
         chosen.append(chosen_logps)
         rejected.append(rejected_logps)
     return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_completion_tokens(trainer, split: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many reply tokens of every pair's chosen and rejected reply ``sequence_logprobs`` sums
+    over, for the ``trainer``'s ``"train"`` or ``"eval"`` data set, collated as the trainer does:
+    what trl's IPO loss divides each summed log-ratio by (its per-token average)."""
+    prepared = trainer.train_dataset if split == "train" else trainer.eval_dataset
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    rows = [{c: row[c] for c in columns} for row in prepared]
+    chosen, rejected = [], []
+    for begin in range(0, len(rows), batch_size):
+        counts = trainer.data_collator(rows[begin:begin + batch_size])["completion_mask"][:, 1:].sum(dim=1)
+        chosen_counts, rejected_counts = counts.chunk(2)
+        chosen.append(chosen_counts)
+        rejected.append(rejected_counts)
+    return torch.cat(chosen).float(), torch.cat(rejected).float()
 
 
 def load_dpo_policy(sft_dir, profile, recipe):

@@ -231,7 +231,8 @@ def sample_pool(policy, tokenizer, rows, score_fn, *, pool_size: int, seed: int,
                 max_new_tokens: int, max_prompt_length: int) -> dict:
     """``pool_size`` replies per prompt of ``rows`` sampled from ``policy`` at temperature 1, each
     scored by ``score_fn`` (the proxy) and by ``gold_check``. Returns ``proxy`` and ``gold``
-    tensors ``[prompts, pool_size]`` and the replies, prompt by prompt. The settings are the
+    tensors ``[prompts, pool_size]`` (``gold`` is ``None`` for rows without an ``axis``: Hub
+    pairs) and the replies, prompt by prompt. The settings are the
     ``best_of_n`` section of the evaluation recipe."""
     policy.eval()
     rows = list(rows)
@@ -246,11 +247,13 @@ def sample_pool(policy, tokenizer, rows, score_fn, *, pool_size: int, seed: int,
         chunk_replies = decode_responses(tokenizer, input_ids, mask, begin)
         replies += chunk_replies
         proxy.append(score_fn(chunk, chunk_replies).float().cpu())
-    world = generate_world()
-    gold = [float(gold_check(row, reply, world))
-            for i, row in enumerate(rows) for reply in replies[i * pool_size:(i + 1) * pool_size]]
     shape = (len(rows), pool_size)
-    return {"proxy": torch.cat(proxy).view(shape), "gold": torch.tensor(gold).view(shape),
+    gold = None
+    if all("axis" in row for row in rows):  # the world's pairs; Hub pairs have no gold
+        world = generate_world()
+        gold = torch.tensor([float(gold_check(row, reply, world)) for i, row in enumerate(rows)
+                             for reply in replies[i * pool_size:(i + 1) * pool_size]]).view(shape)
+    return {"proxy": torch.cat(proxy).view(shape), "gold": gold,
             "replies": [replies[i * pool_size:(i + 1) * pool_size] for i in range(len(rows))]}
 
 

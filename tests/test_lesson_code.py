@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from course_utils import dpo, nf4, peft_scratch, ppo, reward_modeling
+from course_utils import dpo, nf4, peft_scratch, ppo, reward_modeling, rollouts
 from course_utils.course.paths import NOTEBOOKS_DIR
 
 TAUGHT_IN_CELLS = [
@@ -28,6 +28,8 @@ TAUGHT_IN_CELLS = [
     ("09_ppo_rlhf", ppo.kl_shaped_rewards),
     ("09_ppo_rlhf", ppo.gae),
     ("09_ppo_rlhf", ppo.ppo_step),
+    ("09_ppo_rlhf", rollouts.best_of_n_kl),
+    ("09_ppo_rlhf", rollouts.best_of_n_expectation),
     ("10_dpo", dpo.sequence_logprobs),
     ("10_dpo", dpo.dpo_loss),
 ]

@@ -413,6 +413,39 @@ def test_dpo_loss_equals_dpo_trainers_on_the_same_batch(tmp_path, tokenizer):
         chosen_rewards.mean().item(), abs=1e-5)
 
 
+def test_ipo_per_token_gap_equals_trls_ipo_loss(tmp_path, tokenizer):
+    """trl's IPO loss averages each reply's log-ratio over its tokens: with the summed log-ratios
+    from pair_logprobs divided by pair_completion_tokens, (gap - 1/(2 beta))^2 is trl's loss."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from course_utils.course import data
+    from course_utils.course.paths import COURSE_MODEL_DIR
+    from course_utils.course.profiles import tiny_profile
+
+    profile = tiny_profile()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(COURSE_MODEL_DIR))
+    pairs = data.load_preference_dataset(profile, "train").select(range(8))
+    recipe = load_recipe("dpo", profile).with_changes(training={
+        "max_steps": 1, "beta": 0.5, "loss_type": ["ipo"], "per_device_train_batch_size": 8})
+    args = dpo.dpo_config(recipe, tmp_path, profile)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                             init_lora_weights=False)
+    trainer = dpo.make_dpo_trainer(model, tokenizer, pairs, args, peft_config=peft_config)
+    trainer.eval_dataset = trainer.train_dataset
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, batch).item()
+        chosen, rejected = dpo.pair_logprobs(trainer.model, trainer, "train", 3)
+        with trainer.model.disable_adapter():
+            ref_chosen, ref_rejected = dpo.pair_logprobs(trainer.model, trainer, "train", 3)
+    chosen_tokens, rejected_tokens = dpo.pair_completion_tokens(trainer, "train", 3)
+    assert (chosen_tokens > 1).all() and not torch.equal(chosen_tokens, rejected_tokens)
+    gap = (chosen - ref_chosen) / chosen_tokens - (rejected - ref_rejected) / rejected_tokens
+    assert ((gap - 1 / (2 * 0.5)) ** 2).mean().item() == pytest.approx(trl_loss, abs=1e-5)
+
+
 def test_best_of_n_expectation_equals_the_average_over_every_subset():
     """The oracle: every n-subset of a small pool enumerated, its highest-proxy reply's value."""
     from itertools import combinations

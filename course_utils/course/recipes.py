@@ -36,7 +36,8 @@ PRECISIONS = ("float32", "float16", "bfloat16", "auto")
 CAPPABLE_KEYS = {"training": {"max_steps", "steps", "sweep_steps", "warmup_steps", "logging_steps",
                               "gradient_accumulation_steps", "ppo_epochs"},
                  "chat": {"eval_examples"}, "benchmark": {"mc_examples"},
-                 "policy": {"samples_per_prompt", "max_prompts"}}
+                 "policy": {"samples_per_prompt", "max_prompts"},
+                 "best_of_n": {"pool_size", "max_prompts"}}
 
 
 
@@ -104,7 +105,9 @@ SCHEMA: dict[str, dict[str, dict | None]] = {
                    "max_prompt_length": (int, _REQ), "max_prompts": (int, _REQ)},
         "benchmark": {"mc_examples": (int, _REQ), "letter_max_new_tokens": (int, _REQ)},
         "scoring": {"reward_pairs_batch_size": (int, _REQ), "reward_replies_batch_size": (int, _REQ),
-                    "dpo_pairs_batch_size": (int, _REQ)}},
+                    "dpo_pairs_batch_size": (int, _REQ)},
+        "best_of_n": {"pool_size": (int, _REQ), "seed": (int, _REQ), "batch_size": (int, _REQ),
+                      "max_prompts": (int, _REQ)}},
     "data": {
         "sft": {"train_rows": (int, _REQ), "test_rows": (int, _REQ), "seed": (int, _REQ)},
         "preferences": {"min_chosen_score": (float, _REQ), "test_fraction": (float, _REQ),
