@@ -162,7 +162,7 @@ def course_phases() -> list[Phase]:
         seconds=training_seconds(reward_tokens, t["activation_checkpointing"])
         + 2 * forward_seconds(policy["max_prompts"] * 2 * pair_tokens)))
 
-    # lesson 09: the course PPO (fp16 policy with LoRA; reference = adapter off), twice; GRPO
+    # lesson 09: the course PPO (fp16 policy with LoRA; reference = adapter off), best-of-n, GRPO
     t = ppo.training
     sequence = t["max_prompt_length"] + t["max_new_tokens"]
     ppo_lora = lora_count(ppo)
@@ -175,10 +175,16 @@ def course_phases() -> list[Phase]:
                       logits=t["minibatch_size"] * sequence * config.vocab_size * (2 + 4 + 4))
     phases.append(Phase("09", "PPO", (("fp16 reward model", rm), ("fp16 policy", fp16)),
                         seconds=60 * rebuild_minutes("ppo") + 2 * policy_eval, **ppo_memory))
-    phases.append(Phase("09", "PPO without the KL penalty (the PPO policy kept)",
-                        (("fp16 reward model", rm), ("fp16 PPO policy", fp16),
-                         ("fp16 no-KL policy", fp16)),
-                        seconds=60 * rebuild_minutes("ppo") + policy_eval, **ppo_memory))
+    bon = ppo.best_of_n  # best-of-n: a pool of replies from the SFT policy (PPO's adapter off), scored
+    pool_replies = bon["pool_size"] * bon["max_prompts"]
+    reply_sequence = policy["max_prompt_length"] + policy["max_new_tokens"]
+    pool_seconds = (generation_seconds(pool_replies, bon["batch_size"], policy["max_new_tokens"],
+                                       policy["max_prompt_length"])
+                    + forward_seconds(pool_replies * reply_sequence))
+    pool_logits = bon["batch_size"] * reply_sequence * config.vocab_size * 2
+    phases.append(Phase("09", "best-of-n pool (the PPO policy kept)",
+                        (("fp16 reward model", rm), ("fp16 PPO policy", fp16)),
+                        logits=pool_logits, seconds=pool_seconds))
     g = grpo.training
     completions = g["per_device_train_batch_size"]
     grpo_sequence = t["max_prompt_length"] + g["max_completion_length"]
@@ -196,7 +202,7 @@ def course_phases() -> list[Phase]:
             + training_seconds(completions * grpo_sequence, g.get("activation_checkpointing", False)))
         + policy_eval))
 
-    # lesson 10: QLoRA DPO (reference = adapter off), a beta sweep of two more runs and IPO; each
+    # lesson 10: QLoRA DPO (reference = adapter off), a beta sweep of two more runs and two IPO; each
     # run leaves the GPU once measured (models.release)
     t = dpo.training
     pairs = t["per_device_train_batch_size"]
@@ -210,9 +216,10 @@ def course_phases() -> list[Phase]:
                       logits=_logits(config, 2 * pairs, min(pair_tokens, t["max_length"])))
     phases.append(Phase("10", "QLoRA DPO", (("fp16 reward model", rm), ("NF4 policy", nf4)),
                         seconds=dpo_train_seconds + 2 * policy_eval, **dpo_memory))
-    phases.append(Phase("10", "beta sweep and IPO (3 runs, one on the GPU at a time)",
+    variants = len(dpo.variants["sweep_betas"]) + len(dpo.variants["ipo_target_scales"])
+    phases.append(Phase("10", f"beta sweep and IPO ({variants} runs, one on the GPU at a time)",
                         (("fp16 reward model", rm), ("NF4 DPO policy", nf4 + dpo_lora * 2),
-                         ("NF4 policy", nf4)), seconds=3 * (dpo_train_seconds + policy_eval),
+                         ("NF4 policy", nf4)), seconds=variants * (dpo_train_seconds + policy_eval),
                         **dpo_memory))
     phases.append(Phase("10", "DPO vs PPO", (("fp16 reward model", rm), ("NF4 DPO policy", nf4),
                                              ("fp16 PPO model", fp16), ("fp16 SFT reference", fp16)),
@@ -229,6 +236,9 @@ def course_phases() -> list[Phase]:
                                                        + policy["max_new_tokens"]) * config.vocab_size * 2,
                         seconds=4 * (mc_seconds + policy_eval
                                      + forward_seconds(60 * chat["max_length"]))))
+    phases.append(Phase("11", "best-of-n pool from the SFT reference",
+                        (("fp16 reward model", rm), ("fp16 SFT reference", fp16)),
+                        logits=pool_logits, seconds=pool_seconds))
     return phases
 
 

@@ -346,8 +346,9 @@ def mcnemar_samples(p10: float, p01: float, alpha: float = 0.05, power: float = 
 PIPELINE_COLUMNS = [  # (key, header, percent?)
     ("format", "format", True), ("exact_match", "exact match", True),
     ("mc_accuracy", "MC (log-lik.)", True), ("perplexity", "held-out ppl", False),
-    ("reward", "RM score", False), ("preferred", "preferred", True),
-    ("win_rate_vs_sft", "win vs SFT", True), ("kl_to_sft", "KL to SFT", False),
+    ("gold", "gold", True), ("reward", "proxy (RM)", False),
+    ("win_rate_vs_sft", "RM win vs SFT", True), ("gold_win_rate_vs_sft", "gold win vs SFT", True),
+    ("kl_to_sft", "KL to SFT", False),
 ]
 
 

@@ -233,7 +233,7 @@ def sample_pool(policy, tokenizer, rows, score_fn, *, pool_size: int, seed: int,
     scored by ``score_fn`` (the proxy) and by ``gold_check``. Returns ``proxy`` and ``gold``
     tensors ``[prompts, pool_size]`` (``gold`` is ``None`` for rows without an ``axis``: Hub
     pairs) and the replies, prompt by prompt. The settings are the
-    ``best_of_n`` section of the evaluation recipe."""
+    ``best_of_n`` section of the ppo recipe."""
     policy.eval()
     rows = list(rows)
     prompts = [render_chat(row["prompt"], add_generation_prompt=True) for row in rows]

@@ -226,7 +226,7 @@ NOT_TRAINING = {
                                   "PagedAdamW32bit(layer.parameters(), lr=1e-4)"],
     "07_qlora_sft.ipynb": ['trl.DPOTrainer(model="unused", beta=0.1)'],  # an old call failing
     "08_reward_modeling.ipynb": ["bins=30, alpha=0.6"],  # plot transparency
-    "09_ppo_rlhf.ipynb": ['color="gray", alpha=0.15'],
+    "09_ppo_rlhf.ipynb": ['color="gray", alpha=0.15', 'for p in curve.values()], alpha=0.2)'],  # shading
     # the derivation, checked numerically on one prompt
     "10_dpo.ipynb": ["beta = 0.1  # for this check only", "torch.optim.Adam([theta], lr=0.05)"],
     "peft_scratch.py": ["r: int = 8, alpha: float = 16"],  # LoRALinear's defaults, as peft's
@@ -236,7 +236,7 @@ NOT_TRAINING = {
     # inference batches (lessons 02-05's course-model comparison); an optimizer built only to
     # count its state
     "peft_comparison.py": ["model, tokenizer, test_chats, batch_size=32,", "if p.requires_grad], lr=0.0)"],
-    "rl_primer.py": ["max_steps: int = 50", "state, steps = 0, []"],  # lesson 09's toy corridor
+    "rl_primer.py": ["max_steps: int = 50", "state, steps = 0, []", "rng, max_steps=200)"],  # toy corridor
     "recipes.py": ['"training.learning_rate=1e-3"'],  # a docstring
 }
 
