@@ -475,3 +475,25 @@ def test_best_of_n_kl_bounds_the_exact_kl_and_is_reached_with_distinct_samples(n
 
     assert exact(50) <= exact(5000) + 1e-12 <= rollouts.best_of_n_kl(n) + 2e-12
     assert abs(exact(200_000) - rollouts.best_of_n_kl(n)) < 1e-3 * max(1.0, math.log(n))
+
+
+def test_sample_pool_scores_every_reply_by_proxy_and_gold(course_model_and_tokenizer, the_world):
+    """Each prompt's pool holds pool_size replies, scored by the given proxy and by gold_check
+    reply by reply; the same seed draws the same pool; Hub rows (no axis) have no gold."""
+    import json
+
+    from course_utils.course.paths import WORLD_DIR
+
+    model, tokenizer = course_model_and_tokenizer
+    rows = [json.loads(line) for line in (WORLD_DIR / "preferences_test.jsonl").open()][:3]
+    proxy = lambda prompts, replies: torch.tensor([float(len(r)) for r in replies])  # noqa: E731
+    settings = dict(pool_size=4, seed=7, batch_size=5, max_new_tokens=6, max_prompt_length=64)
+    pool = rollouts.sample_pool(model, tokenizer, rows, proxy, **settings)
+    assert pool["proxy"].shape == pool["gold"].shape == (3, 4) and len(pool["replies"]) == 3
+    for i, row in enumerate(rows):
+        assert pool["proxy"][i].tolist() == [float(len(r)) for r in pool["replies"][i]]
+        assert pool["gold"][i].tolist() == [float(rollouts.gold_check(row, r, the_world))
+                                            for r in pool["replies"][i]]
+    assert rollouts.sample_pool(model, tokenizer, rows, proxy, **settings)["replies"] == pool["replies"]
+    hub_rows = [{"prompt": row["prompt"]} for row in rows]
+    assert rollouts.sample_pool(model, tokenizer, hub_rows, proxy, **settings)["gold"] is None
