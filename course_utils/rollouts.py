@@ -6,7 +6,8 @@ sampled replies, the KL to a reference, and what the world's preference pairs as
 - ``sequence_kl``: Monte Carlo KL(policy || reference) per reply;
 - ``evaluate_policy``: held-out proxy reward, gold rate, KL and length, per rejection axis too;
 - ``gold_check`` / ``is_refusal``: the gold reward, every reply checked against the world's facts;
-- ``sample_pool`` / ``best_of_n_expectation`` / ``best_of_n_kl``: best-of-n sampling against the
+- ``sample_pool`` / ``best_of_n_expectation`` / ``best_of_n_kl`` / ``best_of_n_kl_estimate``: best-of-n
+  sampling against the
   proxy, measured by gold (lesson 09's over-optimisation curve, lesson 11's frontier);
 - ``policy_line``: one printed line per policy, as lessons 09 and 10 compare them.
 """
@@ -258,9 +259,9 @@ def sample_pool(policy, tokenizer, rows, score_fn, *, pool_size: int, seed: int,
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n || policy) in nats per reply, ``log n - (n - 1) / n`` (Stiennon et al. 2020;
-    the formula Gao et al. 2023 use). Beirami et al. (2024) show it is an upper bound on the true
-    KL, reached when the ``n`` samples are all distinct."""
+    """The usual formula for KL(best-of-n || policy) in nats per reply, ``log n - (n - 1) / n``
+    (Stiennon et al. 2020; the one Gao et al. 2023 use). Beirami et al. (2024) show it is an upper
+    bound, close to the true KL only when no reply has a sizeable probability of its own."""
     return math.log(n) - (n - 1) / n
 
 
@@ -280,4 +281,25 @@ def best_of_n_expectation(proxy: torch.Tensor, values: torch.Tensor, n: int) -> 
     weights = torch.tensor([math.comb(i - 1, n - 1) for i in range(1, pool + 1)],
                            dtype=torch.float64) / math.comb(pool, n)
     return (ranked * weights).sum(dim=1)
+
+
+def best_of_n_kl_estimate(proxy: torch.Tensor, replies: list[list[str]], n: int) -> torch.Tensor:
+    """KL(best-of-n || policy) per prompt, estimated on the pool: the pool's replies stand for the
+    policy (each distinct reply with its share of the pool), and best-of-n over them keeps each
+    distinct reply with the summed subset probabilities of ``best_of_n_expectation``. Where one
+    reply holds most of the policy's probability this is far below ``best_of_n_kl``'s bound;
+    replies the pool never drew are missing from it."""
+    pool = proxy.shape[1]
+    order = proxy.argsort(dim=1, stable=True)
+    subsets = math.comb(pool, n)
+    weights = [math.comb(i - 1, n - 1) / subsets for i in range(1, pool + 1)]  # exact int division
+    estimates = []
+    for prompt_replies, prompt_order in zip(replies, order.tolist()):
+        kept, share = {}, {}
+        for weight, index in zip(weights, prompt_order):
+            reply = prompt_replies[index]
+            kept[reply] = kept.get(reply, 0.0) + weight
+            share[reply] = share.get(reply, 0.0) + 1 / pool
+        estimates.append(sum(p * math.log(p / share[reply]) for reply, p in kept.items() if p > 0))
+    return torch.tensor(estimates, dtype=torch.float64)
 

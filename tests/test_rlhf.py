@@ -497,3 +497,29 @@ def test_sample_pool_scores_every_reply_by_proxy_and_gold(course_model_and_token
     assert rollouts.sample_pool(model, tokenizer, rows, proxy, **settings)["replies"] == pool["replies"]
     hub_rows = [{"prompt": row["prompt"]} for row in rows]
     assert rollouts.sample_pool(model, tokenizer, hub_rows, proxy, **settings)["gold"] is None
+
+
+def test_best_of_n_kl_estimate_against_enumerated_subsets_and_its_limits():
+    """The oracle: best-of-n's distribution over distinct replies by enumerating every n-subset of
+    a small pool, then its KL to the pool's shares. With all replies distinct and a large pool the
+    estimate reaches the formula's bound; with one reply repeated it is 0."""
+    from itertools import combinations
+
+    proxy = torch.tensor([[0.3, 0.1, 0.3, 0.9, 0.1, 0.5]])
+    replies = [["a", "b", "a", "c", "b", "d"]]
+    for n in range(1, 7):
+        kept = {}
+        subsets = list(combinations(range(6), n))
+        for subset in subsets:
+            best = max(subset, key=lambda i: (proxy[0, i].item(), i))  # ties: the later, as a stable sort
+            kept[replies[0][best]] = kept.get(replies[0][best], 0) + 1 / len(subsets)
+        share = {r: replies[0].count(r) / 6 for r in set(replies[0])}
+        expected = sum(p * math.log(p / share[r]) for r, p in kept.items())
+        assert rollouts.best_of_n_kl_estimate(proxy, replies, n).item() == pytest.approx(expected, abs=1e-12)
+    distinct = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0))
+    names = [[str(i) for i in range(4000)]]
+    for n in (2, 8, 32):
+        assert rollouts.best_of_n_kl_estimate(distinct, names, n).item() == pytest.approx(
+            rollouts.best_of_n_kl(n), rel=5e-3)
+    same = rollouts.best_of_n_kl_estimate(distinct, [["same"] * 4000], 32).item()
+    assert same == pytest.approx(0, abs=1e-12)
