@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 
@@ -324,6 +325,51 @@ def paired_difference(a, b, groups, resamples: int = 2000, confidence: float = 0
     differences = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     low, high = cluster_bootstrap_ci(differences, groups, resamples, confidence, seed)
     return sum(differences) / len(differences), low, high
+
+
+@functools.lru_cache(maxsize=256)  # each call integrates the density a hundred times
+def student_t_quantile(probability: float, df: int) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom, by bisection on
+    its CDF, ``1 - I_x(df/2, 1/2) / 2`` with ``x = df / (df + t^2)`` (the regularised incomplete
+    beta function, integrated numerically: no scipy here)."""
+    import math
+
+    if not 0 < probability < 1 or df < 1:
+        raise ValueError(f"need 0 < probability < 1 and df >= 1, got {probability} and {df}")
+    if probability < 0.5:
+        return -student_t_quantile(1 - probability, df)
+
+    def tail(t: float) -> float:  # P(T > t) for t >= 0: the density integrated from t to infinity
+        # substitute t = tan(theta): the density becomes c cos(theta)^(df - 1), finite on [0, pi/2]
+        log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        start, steps = math.atan(t / math.sqrt(df)), 2000
+        width = (math.pi / 2 - start) / steps
+        weights = [1] + [4 if k % 2 else 2 for k in range(1, steps)] + [1]  # Simpson's rule
+        total = sum(w * math.cos(start + k * width) ** (df - 1) for k, w in enumerate(weights))
+        return math.exp(log_c) * math.sqrt(df) * total * width / 3
+
+    low, high = 0.0, 1.0
+    while tail(high) > 1 - probability:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if tail(middle) > 1 - probability else (low, middle)
+    return (low + high) / 2
+
+
+def seed_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of one number per seed (a metric, or a paired difference between two methods trained
+    with the same seed) with Student's t interval: the seeds are the independent units, so with
+    three of them the interval has 2 degrees of freedom and is wide (t = 4.30, not 1.96)."""
+    import math
+
+    values = [float(value) for value in values]
+    if len(values) < 2:
+        raise ValueError(f"an interval over seeds needs at least two seeds, got {len(values)}")
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = student_t_quantile(1 - (1 - confidence) / 2, len(values) - 1) * spread / math.sqrt(len(values))
+    return mean, mean - half, mean + half
 
 
 def mcnemar_samples(p10: float, p01: float, alpha: float = 0.05, power: float = 0.8) -> int:

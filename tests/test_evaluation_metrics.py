@@ -299,3 +299,34 @@ def test_mcnemar_sample_size_gives_its_power_in_simulation():
         rejected += b + c > 0 and abs(b - c) / math.sqrt(b + c) > critical
     assert 0.75 <= rejected / trials <= 0.85, (n, rejected / trials)
     assert evaluation.mcnemar_samples(0.1, 0.1) == math.inf
+
+
+@pytest.mark.parametrize("probability", [0.6, 0.9, 0.975, 0.995])
+def test_student_t_quantiles_equal_the_closed_forms(probability):
+    # df 1 is Cauchy's; df 2 and 4 have closed forms (Hill 1970, "Algorithm 396")
+    assert evaluation.student_t_quantile(probability, 1) == pytest.approx(
+        math.tan(math.pi * (probability - 0.5)), rel=1e-6)
+    assert evaluation.student_t_quantile(probability, 2) == pytest.approx(
+        (2 * probability - 1) / math.sqrt(2 * probability * (1 - probability)), rel=1e-6)
+    alpha = 4 * probability * (1 - probability)
+    q = math.cos(math.acos(math.sqrt(alpha)) / 3) / math.sqrt(alpha)
+    assert evaluation.student_t_quantile(probability, 4) == pytest.approx(2 * math.sqrt(q - 1), rel=1e-6)
+    assert evaluation.student_t_quantile(1 - probability, 4) == pytest.approx(-2 * math.sqrt(q - 1),
+                                                                             rel=1e-6)
+
+
+@pytest.mark.parametrize("df, probability, published", [(10, 0.975, 2.228), (30, 0.995, 2.750),
+                                                         (5, 0.95, 2.015), (100000, 0.975, 1.960)])
+def test_student_t_quantiles_equal_the_printed_tables(df, probability, published):
+    assert round(evaluation.student_t_quantile(probability, df), 3) == published
+
+
+def test_a_seed_interval_covers_the_true_mean_95_percent_of_the_time():
+    rng = random.Random(0)
+    trials, covered = 2000, 0
+    for _ in range(trials):
+        _, low, high = evaluation.seed_interval([rng.gauss(1.0, 0.3) for _ in range(3)])
+        covered += low <= 1.0 <= high
+    assert abs(covered / trials - 0.95) < 3 * math.sqrt(0.95 * 0.05 / trials)
+    with pytest.raises(ValueError, match="at least two seeds"):
+        evaluation.seed_interval([0.5])

@@ -132,6 +132,35 @@ def test_the_report_counts_each_claim_per_run_and_a_run_that_stopped_early_as_fa
     assert report["checks"][0]["max_abs_error"] == [1e-7, 3e-7]
     assert report["checks"][0]["failed_in"] == ["threads-2"]
     assert report["metrics"] == {"acc": [0.5, 0.7]}
+    assert report["metrics_by_run"] == {"reference": {"acc": 0.5}, "seed+1": {"acc": 0.7}}
+
+
+def test_seed_replicates_reads_each_seed_and_each_same_seed_run_from_the_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(reporting, "REPORT_DIR", tmp_path)
+    stem = LESSONS[-1]
+    runs = [{"variation": v.name, "seconds": 1.0, "completed": v.name != "threads-4", "error": None,
+             "entries": [], "metrics": {"gold": 0.5 + v.seed_offset / 10 + v.threads / 100}}
+            for v in portability.VARIATIONS]
+    reporting.report_path(stem).write_text(json.dumps(portability.summarize(stem, runs)))
+    replicates = reporting.seed_replicates(stem)
+    assert replicates["seeds"] == {0: {"gold": 0.51}, 1: {"gold": 0.61}, 2: {"gold": 0.71}}
+    assert replicates["same_seed"]["threads-2"] == {"gold": 0.52}
+    assert "threads-4" not in replicates["same_seed"]  # it did not complete
+    assert set(replicates["same_seed"]) == set(portability.VARIATION_NAMES) - {
+        "reference", "seed+1", "seed+2", "threads-4"}
+    reporting.report_path(stem).unlink()
+    with pytest.raises(FileNotFoundError, match="make portability LESSONS="):
+        reporting.seed_replicates(stem)
+
+
+@pytest.mark.parametrize("stem", ["07_qlora_sft", "08_reward_modeling", "09_ppo_rlhf", "10_dpo"])
+def test_the_reports_lesson_11_compares_seeds_with_hold_every_runs_numbers(stem):
+    report = reporting.read_report(stem)
+    by_run = report["metrics_by_run"]
+    assert set(by_run) == {run["variation"] for run in report["runs"] if run["completed"]}
+    for name, (low, high) in report["metrics"].items():
+        values = [run[name] for run in by_run.values() if name in run]
+        assert (min(values), max(values)) == (low, high), name
 
 
 def test_claims_and_checks_are_logged_and_a_learner_sees_the_reports_range(tmp_path, monkeypatch,

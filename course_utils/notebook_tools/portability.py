@@ -257,7 +257,8 @@ def run_lesson(stem: str, variation: Variation, workdir: Path, recipes: Path | N
               "error": None if child.returncode == 0
               else (child.stderr.strip().splitlines() or ["?"])[-1][:500],
               "pinned": pinned, "entries": entries,
-              "metrics": json.loads(metrics.read_text()) if metrics.exists() else {}}
+              "metrics": json.loads(metrics.read_text()) if metrics.exists() else {},
+              "machine": machine()}
     result["recipes_sha256"] = {name: file_hash(RECIPES_DIR / name) for name in sorted(
         {e["file"] for e in entries if e["kind"] == "recipe"})}
     result_path(workdir, variation, stem).write_text(json.dumps(result))
@@ -482,22 +483,25 @@ def summarize(stem: str, runs: list[dict]) -> dict:
         # a run that stopped before reaching it did not show it either
         item["failed_in"] += [v for v in every if v not in item["held_in"] + item["failed_in"]]
     metric_values: dict[str, list] = {}
+    by_run: dict[str, dict] = {}
     for run_ in runs:
         for name, value in run_["metrics"].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metric_values.setdefault(name, []).append(value)
+                by_run.setdefault(run_["variation"], {})[name] = value
     record = run_record("tiny", "papermill, course_utils.notebook_tools.portability")
     return {
         "lesson": stem,
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": next((r["machine"] for r in runs if r.get("machine")), None) or machine(),
         "versions": record["versions"],
         "lesson_sha256": lesson_hash(lesson_path(stem)),
         "upstream_sha256": {u: lesson_hash(lesson_path(u)) for u in upstream_of(stem)},
         "recipes_sha256": {name: file_hash(RECIPES_DIR / name) for name in sorted(recipes)},
         "runs": [{"variation": r["variation"],
-                  "description": next(v.description for v in VARIATIONS + EXTRA_VARIATIONS
-                                      if v.name == r["variation"]),
+                  "description": by_name(r["variation"]).description,
+                  "seed_offset": by_name(r["variation"]).seed_offset,
+                  "threads": by_name(r["variation"]).threads,
                   "completed": r["completed"], "error": r["error"], "seconds": r["seconds"],
                   **({"carried_from": r["carried"]["from_pinned"]["lesson_sha256"]}
                      if r.get("carried") else {})}
@@ -511,6 +515,9 @@ def summarize(stem: str, runs: list[dict]) -> dict:
                     "failed_in": c["failed_in"], "max_abs_error": _span(c["errors"]),
                     "atol": c["atol"], "rtol": c["rtol"]} for c in checks.values()],
         "metrics": {name: _span(values) for name, values in sorted(metric_values.items())},
+        # each run's own numbers: the seed variations are three replicates of the whole lesson
+        # (reporting.seed_replicates; lesson 11 compares the trained models over them)
+        "metrics_by_run": {name: dict(sorted(values.items())) for name, values in by_run.items()},
     }
 
 
