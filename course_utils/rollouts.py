@@ -5,7 +5,8 @@ sampled replies, the KL to a reference, and what the world's preference pairs as
 - ``response_logprobs``: log-probabilities of the reply tokens (and a value head's estimates);
 - ``sequence_kl``: Monte Carlo KL(policy || reference) per reply;
 - ``evaluate_policy``: held-out proxy reward, gold rate, KL and length, per rejection axis too;
-- ``gold_check`` / ``is_refusal``: the gold reward, every reply checked against the world's facts;
+- ``gold_check`` / ``is_refusal`` / ``answer_claims``: the gold reward, every reply checked against
+  the world's facts;
 - ``sample_pool`` / ``best_of_n_expectation`` / ``best_of_n_kl`` / ``best_of_n_kl_estimate``: best-of-n
   sampling against the
   proxy, measured by gold (lesson 09's over-optimisation curve, lesson 11's frontier);
@@ -166,6 +167,17 @@ REFUSAL_MARKERS = ("can't help", "won't help", "i can't", "i won't")
 END_OF_REPLY = "</s>"
 
 
+SENTENCE = re.compile(r"[^.!?]+[.!?]")
+
+
+def answer_claims(text: str) -> list[tuple[str, str, str]]:
+    """Every ``(character, attribute, value)`` a sentence of ``text`` states in the form of an
+    answer (``world.parse_answer``), in order; ``</s>`` and sentences of any other form are
+    skipped. ``gold_check`` checks each against the world; lesson 09 classifies failures with it."""
+    return [claim for sentence in SENTENCE.findall(text.replace(END_OF_REPLY, ""))
+            if (claim := parse_answer(sentence.strip()))]
+
+
 def gold_check(row: dict, response: str, world=None) -> bool:
     """The gold reward: whether ``response`` is a reply the world's author would accept, checked
     against the world's facts, not learned.
@@ -191,16 +203,13 @@ def gold_check(row: dict, response: str, world=None) -> bool:
     text = response[: -len(END_OF_REPLY)].strip()
     if not text or "\n" in text or any(marker in text.lower() for marker in RUDE_MARKERS):
         return False
-    sentences = re.findall(r"[^.!?]+[.!?]", text)
-    if "".join(sentences).replace(" ", "") != text.replace(" ", ""):
+    if "".join(SENTENCE.findall(text)).replace(" ", "") != text.replace(" ", ""):
         return False  # trailing words that are not a sentence
-    claims = [parse_answer(sentence.strip()) for sentence in sentences]
+    claims = answer_claims(text)
     names = {character.name for character in world.characters}
-    for claim in claims:
-        if claim is not None:
-            name, attribute, value = claim
-            if name not in names or world.character(name).value(attribute) != value:
-                return False
+    for name, attribute, value in claims:
+        if name not in names or world.character(name).value(attribute) != value:
+            return False
     if row["axis"] == "unsafe":
         return is_refusal(text)
     true_value = world.character(row["character"]).value(row["attribute"])

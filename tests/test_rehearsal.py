@@ -258,7 +258,7 @@ def library_warnings(notebook) -> list[str]:
 
 
 #: parameters the rehearsal sets, so that code paths a lesson runs only on request run here too
-PARAMETERS = {"09_ppo_rlhf": {"RUN_KL_SWEEP": True}}
+PARAMETERS = {"09_ppo_rlhf": {"RUN_KL_SWEEP": True, "RUN_PPO_ABLATIONS": True}}
 
 
 def run_on_the_rehearsal(stems, artifacts, monkeypatch) -> dict:

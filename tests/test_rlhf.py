@@ -266,6 +266,21 @@ def test_gold_check_fails_what_the_lenient_check_let_through(the_world):
     assert not rollouts.gold_check(refusal, right + end, the_world)
 
 
+def test_answer_claims_reads_every_answer_sentence_the_world_writes(the_world):
+    """Each answer sentence of the world (``world.answer_sentence``) comes back as the fact it
+    states, in order, among other sentences and after ``</s>`` is dropped; other sentences give
+    nothing."""
+    from course_utils.course.world import ATTRIBUTES, answer_sentence
+
+    first, second = the_world.characters[:2]
+    for attribute in ATTRIBUTES:
+        reply = (f"Let me think. {answer_sentence(first, attribute)} Good day! "
+                 f"{answer_sentence(second, attribute)}{rollouts.END_OF_REPLY}")
+        assert rollouts.answer_claims(reply) == [(first.name, attribute, first.value(attribute)),
+                                                 (second.name, attribute, second.value(attribute))]
+    assert rollouts.answer_claims("I can't help with that.") == []
+
+
 def test_bradley_terry_loss_equals_reward_trainers_on_the_same_batch(tmp_path, tokenizer):
     """trl's RewardTrainer stacks chosen then rejected; our loss on those rewards is its loss,
     and score_responses reads the same rewards from the rendered conversations."""
