@@ -142,7 +142,7 @@ def test_seed_replicates_reads_each_seed_and_each_same_seed_run_from_the_report(
              "entries": [], "metrics": {"gold": 0.5 + v.seed_offset / 10 + v.threads / 100}}
             for v in portability.VARIATIONS]
     reporting.report_path(stem).write_text(json.dumps(portability.summarize(stem, runs)))
-    replicates = reporting.seed_replicates(stem)
+    replicates = portability.seed_replicates(stem)
     assert replicates["seeds"] == {0: {"gold": 0.51}, 1: {"gold": 0.61}, 2: {"gold": 0.71}}
     assert replicates["same_seed"]["threads-2"] == {"gold": 0.52}
     assert "threads-4" not in replicates["same_seed"]  # it did not complete
@@ -150,7 +150,7 @@ def test_seed_replicates_reads_each_seed_and_each_same_seed_run_from_the_report(
         "reference", "seed+1", "seed+2", "threads-4"}
     reporting.report_path(stem).unlink()
     with pytest.raises(FileNotFoundError, match="make portability LESSONS="):
-        reporting.seed_replicates(stem)
+        portability.seed_replicates(stem)
 
 
 @pytest.mark.parametrize("stem", ["07_qlora_sft", "08_reward_modeling", "09_ppo_rlhf", "10_dpo"])

@@ -151,36 +151,6 @@ def claim_in_reports(statement: str) -> tuple[str, dict] | None:
     return None
 
 
-def seed_replicates(stem: str) -> dict:
-    """A lesson's numbers replicated over seeds, from its portability report (``make
-    portability``): ``seeds`` maps each seed offset (0 is the recipes' seeds; 1 and 2 shift every
-    recipe seed and the notebook's ``SEED``, so the whole chain of lessons 07-11 is retrained) to
-    that run's metrics; ``same_seed`` holds the runs of seed offset 0 on other thread counts or
-    CPU kernels; ``stale`` says why the report no longer matches today's lesson (``None`` when it
-    does), ``made`` and ``machine`` where it was measured."""
-    from course_utils.notebook_tools import portability  # it writes the reports (and imports this)
-
-    report = read_report(stem)
-    if report is None or "metrics_by_run" not in report:
-        raise FileNotFoundError(
-            f"{report_path(stem)} {'is missing' if report is None else 'has no per-run metrics'}: "
-            f"run `make portability LESSONS={stem[:2]}` (it trains the lesson under three seeds)")
-    by_run = report["metrics_by_run"]
-    seeds, same_seed = {}, {}
-    for run in report["runs"]:
-        if not run["completed"]:
-            continue
-        if run["seed_offset"]:
-            seeds[run["seed_offset"]] = by_run.get(run["variation"], {})
-        elif run["variation"] == "reference":
-            seeds[0] = by_run.get(run["variation"], {})
-        else:
-            same_seed[run["variation"]] = by_run.get(run["variation"], {})
-    return {"seeds": dict(sorted(seeds.items())), "same_seed": same_seed,
-            "stale": portability.why_stale(stem), "made": report["made"],
-            "machine": report["machine"]["cpu"]}
-
-
 def describe_variations(stem: str) -> str:
     report = read_report(stem)
     if report is None:

@@ -165,6 +165,34 @@ def why_stale(stem: str) -> str | None:
     return None
 
 
+def seed_replicates(stem: str) -> dict:
+    """A lesson's numbers replicated over seeds, from its portability report (``make
+    portability``): ``seeds`` maps each seed offset (0 is the recipes' seeds; 1 and 2 shift every
+    recipe seed and the notebook's ``SEED``, so the whole chain of lessons 07-11 is retrained) to
+    that run's metrics; ``same_seed`` holds the runs of seed offset 0 on other thread counts or
+    CPU kernels; ``stale`` says why the report no longer matches today's lesson (``None`` when it
+    does), ``made`` and ``machine`` where it was measured."""
+    report = reporting.read_report(stem)
+    if report is None or "metrics_by_run" not in report:
+        raise FileNotFoundError(
+            f"{reporting.report_path(stem)} {'is missing' if report is None else 'has no per-run metrics'}: "
+            f"run `make portability LESSONS={stem[:2]}` (it trains the lesson under three seeds)")
+    by_run = report["metrics_by_run"]
+    seeds, same_seed = {}, {}
+    for run in report["runs"]:
+        if not run["completed"]:
+            continue
+        if run["seed_offset"]:
+            seeds[run["seed_offset"]] = by_run.get(run["variation"], {})
+        elif run["variation"] == "reference":
+            seeds[0] = by_run.get(run["variation"], {})
+        else:
+            same_seed[run["variation"]] = by_run.get(run["variation"], {})
+    return {"seeds": dict(sorted(seeds.items())), "same_seed": same_seed,
+            "stale": why_stale(stem), "made": report["made"],
+            "machine": report["machine"]["cpu"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # running
 
@@ -516,7 +544,7 @@ def summarize(stem: str, runs: list[dict]) -> dict:
                     "atol": c["atol"], "rtol": c["rtol"]} for c in checks.values()],
         "metrics": {name: _span(values) for name, values in sorted(metric_values.items())},
         # each run's own numbers: the seed variations are three replicates of the whole lesson
-        # (reporting.seed_replicates; lesson 11 compares the trained models over them)
+        # (seed_replicates; lesson 11 compares the trained models over them)
         "metrics_by_run": {name: dict(sorted(values.items())) for name, values in by_run.items()},
     }
 
