@@ -329,9 +329,9 @@ def paired_difference(a, b, groups, resamples: int = 2000, confidence: float = 0
 
 @functools.lru_cache(maxsize=256)  # each call integrates the density a hundred times
 def student_t_quantile(probability: float, df: int) -> float:
-    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom, by bisection on
-    its CDF, ``1 - I_x(df/2, 1/2) / 2`` with ``x = df / (df + t^2)`` (the regularised incomplete
-    beta function, integrated numerically: no scipy here)."""
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom: bisection on
+    its upper tail, the density integrated numerically (Simpson's rule after ``t = sqrt(df)
+    tan(theta)``, which maps the infinite tail onto a finite interval; no scipy here)."""
     import math
 
     if not 0 < probability < 1 or df < 1:
@@ -362,12 +362,12 @@ def seed_interval(values, confidence: float = 0.95) -> tuple[float, float, float
     with the same seed) with Student's t interval: the seeds are the independent units, so with
     three of them the interval has 2 degrees of freedom and is wide (t = 4.30, not 1.96)."""
     import math
+    import statistics
 
     values = [float(value) for value in values]
     if len(values) < 2:
         raise ValueError(f"an interval over seeds needs at least two seeds, got {len(values)}")
-    mean = sum(values) / len(values)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    mean, spread = statistics.mean(values), statistics.stdev(values)
     half = student_t_quantile(1 - (1 - confidence) / 2, len(values) - 1) * spread / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
