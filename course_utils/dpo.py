@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from course_utils.course import data
 from course_utils.course.data import preference_rows
-from course_utils.course.models import load_tokenizer
+from course_utils.course.models import load_tokenizer, trainable_in_fp32_under_fp16
 from course_utils.course.paths import artifacts_dir
 from course_utils.course.recipes import ran_with
 from course_utils.qlora_sft import load_quantized, merge_dtype, training_tokenizer
@@ -77,9 +77,11 @@ def make_dpo_trainer(model, tokenizer, train_dataset, args, peft_config=None, ev
     from trl import DPOTrainer
 
     torch.manual_seed(args.seed)
-    return DPOTrainer(model=model, args=args, train_dataset=preference_rows(train_dataset),
-                      eval_dataset=None if eval_dataset is None else preference_rows(eval_dataset),
-                      processing_class=training_tokenizer(tokenizer), peft_config=peft_config)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=preference_rows(train_dataset),
+                         eval_dataset=None if eval_dataset is None else preference_rows(eval_dataset),
+                         processing_class=training_tokenizer(tokenizer), peft_config=peft_config)
+    trainable_in_fp32_under_fp16(trainer)  # trl's bf16 adapters would crash a T4's fp16 grad scaler
+    return trainer
 
 
 @torch.no_grad()

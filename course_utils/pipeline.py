@@ -15,6 +15,7 @@ from pathlib import Path
 
 from course_utils import budget, dpo, ppo, qlora_sft, reward_modeling
 from course_utils.course import stages
+from course_utils.course.models import release
 from course_utils.course.recipes import Recipe, load_recipe
 
 BUILDERS = {
@@ -73,5 +74,9 @@ def build_stage(stage: str, profile, recipe: Recipe | None = None, verbose: bool
     parents = {parent: stages.stage_dir(parent) for parent in stages.STAGES[stage].parents}
     start = time.perf_counter()
     model, tokenizer, ran_with = BUILDERS[stage](profile, recipe, parents, verbose=verbose)
-    return stages.save_stage(stage, model, tokenizer, profile, recipe, ran_with,
-                             build_seconds=time.perf_counter() - start, built_by="rebuild")
+    folder = stages.save_stage(stage, model, tokenizer, profile, recipe, ran_with,
+                               build_seconds=time.perf_counter() - start, built_by="rebuild")
+    # saved: off the GPU, and the trainer's reference cycles collected (accelerate keeps the model's
+    # original forward on it), or a T4 carries every rebuilt 1.1B model into the lesson that asked
+    release(model)
+    return folder

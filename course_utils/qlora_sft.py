@@ -30,6 +30,7 @@ from course_utils.course.models import (
     bnb_config_from_recipe,
     keep_cpu_4bit_weights_trainable,
     load_model_and_tokenizer,
+    trainable_in_fp32_under_fp16,
 )
 from course_utils.course.paths import artifacts_dir
 from course_utils.course.profiles import Profile
@@ -158,12 +159,14 @@ def make_trainer(model, tokenizer, train_dataset, recipe, profile: Profile, outp
     from trl import SFTTrainer
 
     torch.manual_seed(recipe.seed)
-    return SFTTrainer(model=model, args=sft_config(recipe, output_dir, profile),
-                      train_dataset=prompt_completion_rows(train_dataset),
-                      eval_dataset=None if eval_dataset is None
-                      else prompt_completion_rows(eval_dataset),
-                      processing_class=training_tokenizer(tokenizer),
-                      peft_config=lora_config(recipe))
+    trainer = SFTTrainer(model=model, args=sft_config(recipe, output_dir, profile),
+                         train_dataset=prompt_completion_rows(train_dataset),
+                         eval_dataset=None if eval_dataset is None
+                         else prompt_completion_rows(eval_dataset),
+                         processing_class=training_tokenizer(tokenizer),
+                         peft_config=lora_config(recipe))
+    trainable_in_fp32_under_fp16(trainer)  # trl's bf16 adapters would crash a T4's fp16 grad scaler
+    return trainer
 
 
 def adapter_bytes(folder: str | Path) -> int:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from course_utils.course import data
-from course_utils.course.chat import padding_side, render_chat
+from course_utils.course.chat import padding_side, render_chat, truncation_side
 from course_utils.course.data import preference_rows
-from course_utils.course.models import load_tokenizer, trainable_in_fp32
+from course_utils.course.models import autocast_like, load_tokenizer, trainable_in_fp32
 from course_utils.course.paths import artifacts_dir
 from course_utils.course.recipes import ran_with
 from course_utils.qlora_sft import training_tokenizer
@@ -116,10 +116,12 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
     texts = [render_chat(p + [{"role": "assistant", "content": r}])
              for p, r in zip(prompts, responses)]
     scores = []
-    with padding_side(tokenizer, "right"):
+    # fp16 weights with the fp32 score head of a LoRA reward model: autocast, as the trainer does
+    with padding_side(tokenizer, "right"), truncation_side(tokenizer, "left"), autocast_like(model):
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt",
-                              padding=True).to(device)
+            # a long held-out conversation keeps its end, where the score is read
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              truncation=True, max_length=model.config.max_position_embeddings).to(device)
             scores.append(model(**batch).logits[:, 0].float().cpu())
     return torch.cat(scores)
 

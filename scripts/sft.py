@@ -14,8 +14,30 @@ averaged across processes after each backward pass):
     torchrun --nproc_per_node 2 scripts/sft.py --profile tiny --output-dir artifacts/sft-ddp
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/sft.py --profile colab ...
 
-On CPUs the processes talk over gloo; on GPUs over NCCL. The FSDP and DeepSpeed configs in
-``configs/accelerate/`` are for multi-GPU machines and are not exercised by CI.
+Fully sharded instead of replicated (FSDP2): ``--fsdp`` gives each process 1/N of every weight,
+adapter and optimizer state, gathers a layer's weights just before it computes and
+reduce-scatters its gradients after, with the wrapping ``configs/accelerate/fsdp.yaml`` asks of
+accelerate (one ``fully_shard`` group per decoder layer, then the whole model):
+
+    torchrun --nproc_per_node 2 scripts/sft.py --profile tiny --fsdp --output-dir artifacts/sft-fsdp
+
+On CPUs the processes talk over gloo; on GPUs over NCCL. CI runs both on two CPU processes:
+DDP on the tiny recipe as written (tests/test_qlora_sft.py), and FSDP against DDP on the same
+recipe over the unquantized course model (``--set quantization=null``): every weight split in
+halves, and fp32 adapters that agree to 1e-4 of each tensor's norm (tests/test_fsdp.py). Not
+exercised by CI:
+
+- ``accelerate launch --config_file configs/accelerate/fsdp.yaml``: accelerate builds its FSDP
+  plugin only on GPUs; on CPUs it trains plain DDP and ignores ``fsdp=`` without a word, which is
+  why ``--fsdp`` calls ``fully_shard`` itself.
+- DeepSpeed ZeRO (``configs/accelerate/deepspeed_zero*.yaml``): deepspeed is not installed, and
+  accelerate switches DeepSpeed on only off the CPU.
+- FSDP over the 4-bit weights. It runs on CPUs (bitsandbytes 0.50, torch 2.13): FSDP2 shards each
+  packed NF4 weight like any tensor, in the default uint8 storage as well as a float
+  ``bnb_4bit_quant_storage`` (which FSDP1's flat parameters needed), and ``Linear4bit`` re-attaches
+  its quantization state after the all-gather; by hand, the per-process losses equal DDP's. But
+  trl keeps a 4-bit model's adapters in bf16, where the two runs end up one bf16 step apart,
+  about a tenth of what a few steps change: too coarse a comparison for a test.
 """
 
 from __future__ import annotations
@@ -52,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", required=True, help="where the adapter and logs go")
     parser.add_argument("--train-rows", type=int, default=None,
                         help="train on the first N chats only (a quick run)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard the model across the processes with FSDP2 (torch's fully_shard: "
+                             "each process holds 1/N of every weight, adapter and optimizer state) "
+                             "instead of a full copy each; needs torchrun with 2 or more processes")
     return parser.parse_args(argv)
 
 
@@ -72,9 +98,52 @@ def resolve_recipe(args, profile):
     return recipe
 
 
+def shard_with_fsdp2(trainer) -> dict[str, list[list[int]]]:
+    """Shard ``trainer.model`` (the model with its LoRA adapters) with FSDP2, in place: one
+    ``fully_shard`` group per decoder layer, then the root (embeddings, final norm, head).
+    Returns, per parameter, its full shape and the shape of this process's shard.
+
+    By hand because accelerate builds its FSDP plugin only on GPUs: given ``fsdp=`` on CPUs it
+    wraps the model in DDP instead (accelerate 1.15).
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = trainer.model
+    # every process keeps its slice of its own copy: the copies must agree first, as DDP's
+    # constructor makes them agree
+    with torch.no_grad():
+        for parameter in model.parameters():
+            dist.broadcast(parameter.data, src=0)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    layer_names = set(model.get_base_model()._no_split_modules)  # LlamaDecoderLayer
+    layers = [module for module in model.modules() if type(module).__name__ in layer_names]
+    for layer in layers:  # inner groups first: the root takes only what they leave
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # The flag the Trainer reads for a model transformers sharded at load time: it then skips the
+    # DDP wrap (DDP refuses DTensor parameters) and leaves gradient reduction to FSDP.
+    trainer.is_distributed_loading_by_transformers = True
+    return {name: [list(p.shape), list(p.to_local().shape)] for name, p in model.named_parameters()}
+
+
+def full_trainable_parameters(model) -> dict:
+    """Every trainable parameter whole, by name; under FSDP each process gathers the shards of
+    the others (a collective: every process must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.fsdp and world_size < 2:
+        raise SystemExit("--fsdp shards the model across processes: start it with torchrun "
+                         "--nproc_per_node 2 (or more)")
     profile = get_profile(args.profile, verbose=rank == 0)
     recipe = resolve_recipe(args, profile)
     if rank == 0:
@@ -88,6 +157,7 @@ def main(argv=None) -> int:
     if args.train_rows:
         train = train.select(range(min(args.train_rows, len(train))))
     trainer = qlora_sft.make_trainer(model, tokenizer, train, recipe, profile, output / "trainer")
+    parameter_shards = shard_with_fsdp2(trainer) if args.fsdp else None
 
     seen_ids: list[int] = []  # the examples this process trained on, to show the data split
     collate = trainer.data_collator
@@ -100,16 +170,21 @@ def main(argv=None) -> int:
     start = time.time()
     result = trainer.train()
     seconds = time.time() - start
-    adapter_sum = sum(float(p.detach().double().sum()) for p in trainer.model.parameters()
-                      if p.requires_grad)  # equal on every rank: DDP keeps the copies in sync
+    adapter = full_trainable_parameters(trainer.model)
+    # equal on every rank: DDP keeps the copies in sync, FSDP's shards make one copy
+    adapter_sum = sum(float(p.double().sum()) for p in adapter.values())
     report = {"rank": rank, "world_size": world_size, "steps": trainer.state.global_step,
+              "fsdp": args.fsdp, "parameter_shards": parameter_shards,
               "adapter_checksum": adapter_sum,
               "examples_seen": len(seen_ids), "example_fingerprints": seen_ids,
               "train_loss": result.training_loss, "seconds": seconds,
               "recipe": recipe.as_dict(), "recipe_file": recipe.label, "train_rows": args.train_rows}
     (output / f"rank{rank}.json").write_text(json.dumps(report, indent=1) + "\n")
     if trainer.is_world_process_zero():
-        trainer.save_model(str(output / "adapter"))
+        if args.fsdp:  # the model's own state dict holds this process's shards only
+            trainer.model.save_pretrained(str(output / "adapter"), state_dict=adapter)
+        else:
+            trainer.save_model(str(output / "adapter"))
         tokenizer.save_pretrained(str(output / "adapter"))
         print(f"saved the adapter to {output / 'adapter'} after {trainer.state.global_step} steps "
               f"in {seconds:.1f} s on {world_size} process(es); final loss {result.training_loss:.4f}")

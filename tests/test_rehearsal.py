@@ -333,3 +333,87 @@ def test_lessons_02_to_05_scale_every_method_to_the_profiles_model(rehearsal_pro
         sum(shapes[name]) for name in lora["target_modules"])
     assert rows["full"]["percent"] == 100 and all(
         0 < row["percent"] < 100 for name, row in rows.items() if name != "full")
+
+
+# --- T4 precision: the guards, each shown catching its finding on the code before the fix ------
+
+def _standin_sft_trainer(profile, tmp_path, cast: bool):
+    """Lesson 07's QLoRA SFT on the stand-in under the rehearsal's fp16, one step: through
+    ``qlora_sft.make_trainer`` (``cast``) or as the lesson built it before the fix (no cast)."""
+    from trl import SFTTrainer
+
+    from course_utils import qlora_sft
+
+    recipe = recipes.load_recipe("sft", profile).with_changes(training={"max_steps": 1})
+    assert recipe.precision_flags() == {"bf16": False, "fp16": True}  # "auto" computes as a T4
+    model, tokenizer = qlora_sft.load_quantized_base(profile, recipe)
+    chats = data.load_sft_dataset(profile, "train").select(range(4))
+    if cast:
+        return qlora_sft.make_trainer(model, tokenizer, chats, recipe, profile, tmp_path)
+    return SFTTrainer(model=model, args=qlora_sft.sft_config(recipe, tmp_path, profile),
+                      train_dataset=qlora_sft.prompt_completion_rows(chats),
+                      processing_class=qlora_sft.training_tokenizer(tokenizer),
+                      peft_config=qlora_sft.lora_config(recipe))
+
+
+def test_a_bf16_gradient_reaching_the_fp16_scaler_fails_as_on_a_t4(rehearsal_profile, tmp_path):
+    """Issue 35, finding 1: trl keeps a 4-bit model's adapters in bf16; under fp16 CUDA's unscale
+    kernel has no bf16 version. On the CPU accelerate would compute in fp32 with no scaler, and
+    the CPU's kernel accepts bf16: the rehearsal's T4 scaler refuses it."""
+    old = _standin_sft_trainer(rehearsal_profile, tmp_path / "old", cast=False)
+    assert {p.dtype for p in old.model.parameters() if p.requires_grad} == {torch.bfloat16}
+    with pytest.raises(rehearsal.RehearsalError, match="_amp_foreach_non_finite_check_and_unscale_cuda"):
+        old.train()
+    assert isinstance(old.accelerator.scaler, rehearsal.T4GradScaler)
+    new = _standin_sft_trainer(rehearsal_profile, tmp_path / "new", cast=True)
+    assert {p.dtype for p in new.model.parameters() if p.requires_grad} == {torch.float32}
+    new.train()
+    assert new.state.global_step == 1
+    # the step ran as on a T4: the 16-bit model computed under fp16 autocast, the loss was scaled
+    assert new.accelerator.native_amp and new.accelerator.scaler.get_scale() > 1
+    assert new.model.get_base_model().lm_head.weight.dtype == torch.float32  # prepare_model_for_kbit
+
+
+def test_an_fp32_head_fed_fp16_outside_autocast_fails_as_on_a_t4(rehearsal_profile):
+    """Issue 35, finding 2: lesson 08 scored with the LoRA reward model (fp16 weights, its trainable
+    ``score`` head cast to fp32) before ``train()``, outside the trainer's autocast."""
+    from peft import LoraConfig, get_peft_model
+
+    from course_utils import reward_modeling
+    from course_utils.course import models
+
+    tokenizer = models.load_tokenizer(rehearsal_profile.model_name_or_path)
+    model = reward_modeling.load_reward_model(rehearsal_profile.model_name_or_path, tokenizer,
+                                              rehearsal_profile.compute_dtype)
+    lora = recipes.load_recipe("reward", rehearsal_profile).lora
+    model = get_peft_model(model, LoraConfig(**lora, task_type="SEQ_CLS"))
+    assert models.trainable_in_fp32(model) > 0
+    pairs = data.load_preference_dataset(rehearsal_profile, "test").select(range(2))
+    batch = tokenizer(["<s>a question and its reply"], return_tensors="pt")
+    with pytest.raises(RuntimeError, match="dtype"):  # the old code: no autocast
+        with torch.no_grad():
+            model(**batch)
+    chosen, rejected = reward_modeling.preference_scores(model, tokenizer, pairs, batch_size=2)
+    assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
+
+
+def test_logits_too_large_for_a_t4_fail(rehearsal_profile):
+    """Issue 35, finding 3: ``pair_logprobs`` once scored 32 pairs per forward (64 rows of up to
+    1,024 tokens: 8.4 GB of fp32 logits at TinyLlama's vocabulary, and as much again for the
+    log-softmax). The rehearsal's held-out set has six pairs, so the row guard never saw it; the
+    logits guard counts rows x positions x 32,000 whatever the stand-in's vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(rehearsal_profile.model_name_or_path)
+    length = recipes.load_recipe("dpo", "colab").training["max_length"]
+    old_pairs_per_pass = 32
+    assert rehearsal.logits_gb(2 * old_pairs_per_pass, length) > rehearsal.LOGITS_LIMIT_GB
+    with torch.no_grad():
+        with pytest.raises(rehearsal.RehearsalError, match="GB of fp32 logits"):
+            model(torch.ones(2 * old_pairs_per_pass, length, dtype=torch.long))
+        pairs_per_pass = recipes.load_recipe("evaluation", "colab").scoring["dpo_pairs_batch_size"]
+        model(torch.ones(2 * pairs_per_pass, length, dtype=torch.long))  # the recipe's batch fits
+        # generate() keeps the last position's logits only: a long prefill is no burden
+        rows, positions = rehearsal.max_rows_per_forward(), 2048
+        assert rehearsal.logits_gb(rows, positions) > rehearsal.LOGITS_LIMIT_GB
+        model(torch.ones(rows, positions, dtype=torch.long), logits_to_keep=1)

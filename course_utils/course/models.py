@@ -7,9 +7,10 @@ token. Tests run that path on a local copy of the course model stripped the same
 
 Also here, because every lesson that trains needs them: ``bnb_4bit_config`` /
 ``bnb_config_from_recipe`` (the quantization config), ``keep_cpu_4bit_weights_trainable`` (a
-bitsandbytes CPU pitfall, lesson 07), ``trainable_in_fp32`` (what fp16 mixed precision needs of
-trainable weights), ``parameter_count`` (weights counted as a 4-bit model holds them) and
-``release`` (a model's GPU memory given back).
+bitsandbytes CPU pitfall, lesson 07), ``trainable_in_fp32`` and ``trainable_in_fp32_under_fp16``
+(what fp16 mixed precision needs of trainable weights), ``autocast_like`` (a 16-bit model with
+fp32 parts, outside a trainer), ``parameter_count`` (weights counted as a 4-bit model holds them)
+and ``release`` (a model's GPU memory given back).
 """
 
 from __future__ import annotations
@@ -224,6 +225,30 @@ def trainable_in_fp32(model) -> int:
             parameter.data = parameter.data.float()
             cast += 1
     return cast
+
+
+def trainable_in_fp32_under_fp16(trainer) -> int:
+    """Before ``trainer.train()``: when the trainer computes in fp16 mixed precision (a T4), cast its
+    model's trainable weights to fp32 (``trainable_in_fp32``); return how many were cast.
+
+    trl 1.16's ``SFTTrainer``, ``DPOTrainer`` and ``GRPOTrainer`` store a 4-bit model's adapters in
+    bf16 whatever the precision flags say (the QLoRA paper's choice, right on a bf16 GPU). Under
+    ``fp16=True`` accelerate unscales the gradients with CUDA's
+    ``_amp_foreach_non_finite_check_and_unscale_cuda``, which has no bf16 kernel: the first
+    optimizer step raises ``NotImplementedError``. (The CPU's kernel accepts bf16, which is why only
+    the rehearsal's T4 scaler, ``course.rehearsal``, sees it off a GPU.) On the CPU in fp32 and on
+    bf16 GPUs nothing is cast."""
+    return trainable_in_fp32(trainer.model) if trainer.args.fp16 else 0
+
+
+def autocast_like(model):
+    """``torch.autocast`` in ``model``'s 16-bit dtype on its device, off for an fp32 model: for
+    forward passes outside a trainer (which autocasts inside ``train()`` only) over a 16-bit model
+    with fp32 trainable parts, such as the reward model's ``score`` head (``trainable_in_fp32``):
+    without it, fp16 hidden states meet fp32 weights and the matmul refuses the mix."""
+    embedding = model.get_input_embeddings().weight
+    dtype = embedding.dtype if embedding.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.autocast(embedding.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def parameter_count(model, trainable_only: bool = False) -> int:

@@ -104,7 +104,7 @@ def rehearsal_profile() -> Profile:
     rehearsal.install_guards()
     return Profile(
         name="rehearsal", model_name_or_path=str(rehearsal.build_standin()), device="cpu",
-        compute_dtype=torch.float32, load_in_4bit=True, data_source="hub",
+        compute_dtype=rehearsal.T4_DTYPE, load_in_4bit=True, data_source="hub",
         hub_data_dir=str(rehearsal.REHEARSAL_DATA_DIR))
 
 

@@ -91,7 +91,8 @@ SCHEMA: dict[str, dict[str, dict | None]] = {
                          "loss_type": ("list", _OPT)},
             "lora": _LORA, "quantization": _QUANTIZATION,
             "variants": {"sweep_betas": ("numbers", _REQ), "ipo_target_scales": ("numbers", _REQ)},
-            "held_out_curve": {"every_steps": (int, _REQ)}},
+            "held_out_curve": {"every_steps": (int, _REQ)},
+            "held_out": {"max_pairs": (int, _REQ)}},
     "tour": {"training": {"steps": (int, _REQ), "batch_size": (int, _REQ),
                           "learning_rate": (float, _REQ)},
              "probes": {"max_new_tokens": (int, _REQ)}},
@@ -259,9 +260,12 @@ class Recipe:
 
     def torch_dtype(self) -> torch.dtype:
         """``precision`` as a torch dtype; ``auto`` is bf16 on GPUs that compute it natively
-        (Ampere and newer), fp16 on older ones (a T4), fp32 without a GPU."""
+        (Ampere and newer), fp16 on older ones (a T4) and in the rehearsal of the T4 path, fp32 on
+        the CPU otherwise."""
         precision = self.values["precision"]
         if precision == "auto":
+            if self.profile == "rehearsal":  # the T4 path on a CPU computes as a T4 (course.rehearsal)
+                return torch.float16
             if not torch.cuda.is_available():
                 return torch.float32
             major, _ = torch.cuda.get_device_capability()

@@ -2,7 +2,7 @@
 
 ``rehearsal`` runs exactly what ``colab`` runs (its recipes, the Hub data loaders and their
 columns, truncation and batch sizes, the same models alive at once, the same evaluation code) with
-three substitutions only:
+three substitutions, and one way it is stricter than the CPU:
 
 1. **the model**: a stand-in with TinyLlama-1.1B's architecture (32 query and 4 key/value heads,
    2,048 positions, the same module names), narrower and shallower, with random weights, built here
@@ -18,6 +18,14 @@ three substitutions only:
 3. **the counts**: training steps and evaluation sizes capped by ``configs/recipes/rehearsal/caps.yaml``,
    which may only change counts (``recipes.CAPPABLE_KEYS``).
 
+4. **the precision**, in the other direction: it computes as a T4 does, not as the CPU would
+   like to. Weights and activations are fp16 where the colab recipes put them (``T4_DTYPE``:
+   precision ``auto`` is fp16 on a T4), trainers run fp16 autocast with a gradient scaler (on the
+   CPU accelerate would silently compute in fp32 without one), and ``install_guards`` fails where
+   CUDA would and the CPU does not: a bf16 gradient reaching the fp16 scaler (``T4GradScaler``),
+   and a forward pass whose logits at TinyLlama's real vocabulary would not fit beside the models
+   (``LOGITS_LIMIT_GB``). An fp32 module fed fp16 outside autocast fails on the CPU as on CUDA.
+
 It checks structure, not learning: no exception, metrics written, lengths respected, every
 dropped or truncated row counted. Random weights learn nothing, so the lessons' claims about the
 numbers print as warnings there (``COURSE_STRICT_CLAIMS`` stays off).
@@ -29,6 +37,8 @@ import hashlib
 import json
 import random
 from pathlib import Path
+
+import torch
 
 from course_utils.course.chat import render_chat
 from course_utils.course.models import load_tokenizer, tinyllama_config
@@ -91,6 +101,16 @@ def build_standin(directory: Path | None = None) -> Path:
     return directory
 
 
+#: a T4 (Turing) has fp16 tensor cores and no bf16 arithmetic: precision "auto" is fp16 there
+T4_DTYPE = torch.float16
+#: the most fp32 logits one forward may produce at TinyLlama's vocabulary (32,000): a T4's 15 GB less
+#: the three 16-bit 1.1B models a scoring phase keeps (6.6 GB), halved for the log-softmax copy
+LOGITS_LIMIT_GB = 4.0
+#: what CUDA's gradient scaler raises for a bf16 gradient (its unscale kernel has no bf16 version)
+CUDA_BF16_UNSCALE_ERROR = ('"_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for '
+                           "'BFloat16'")
+
+
 class RehearsalError(RuntimeError):
     """Something the T4 path would do that the rehearsal refuses: a sequence longer than
     TinyLlama's positions, a forward pass bigger than the recipes allow."""
@@ -112,16 +132,57 @@ def max_rows_per_forward() -> int:
     return max(batches)
 
 
+class T4GradScaler(torch.amp.GradScaler):
+    """The CPU's fp16 gradient scaler, refusing what CUDA's refuses: a bf16 gradient (CUDA's unscale
+    kernel has none; the CPU's accepts it). fp16 gradients are refused by torch itself on both."""
+
+    def __init__(self, **kwargs):
+        super().__init__("cpu", **kwargs)
+
+    def unscale_(self, optimizer) -> None:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None and parameter.grad.dtype == torch.bfloat16:
+                    raise RehearsalError(
+                        f"a bf16 gradient reached the fp16 gradient scaler; on a T4 CUDA raises "
+                        f"NotImplementedError: {CUDA_BF16_UNSCALE_ERROR}. Keep trainable weights in fp32 "
+                        "under fp16 (models.trainable_in_fp32_under_fp16)")
+        super().unscale_(optimizer)
+
+
+def logits_gb(rows: int, positions: int) -> float:
+    """GB of fp32 logits for ``rows`` x ``positions`` at TinyLlama's vocabulary."""
+    return rows * positions * tinyllama_config().vocab_size * 4 / 1e9
+
+
+def _t4_mixed_precision_on_the_cpu() -> None:
+    """accelerate, asked for fp16 on the CPU, computes in fp32 without autocast or a scaler; as a T4
+    run it autocasts to fp16 and scales the loss with ``T4GradScaler``."""
+    from accelerate import Accelerator
+
+    original_init = Accelerator.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if self.state.mixed_precision == "fp16" and self.device.type == "cpu" and self.scaler is None:
+            self.native_amp = True
+            self.scaler = T4GradScaler()
+
+    Accelerator.__init__ = init
+
+
 def install_guards() -> None:
     """Make every forward pass of the stand-in (and of the models trained from it) in this process
-    check what a T4 run would hit: at most
-    ``max_position_embeddings`` tokens per sequence (TinyLlama's 2,048) and at most
-    ``max_rows_per_forward()`` sequences. A violation raises ``RehearsalError`` naming the shape."""
+    check what a T4 run would hit: at most ``max_position_embeddings`` tokens per sequence
+    (TinyLlama's 2,048), at most ``max_rows_per_forward()`` sequences, and logits at TinyLlama's
+    vocabulary within ``LOGITS_LIMIT_GB``; and make fp16 trainers on the CPU compute as on a T4
+    (``_t4_mixed_precision_on_the_cpu``). A violation raises ``RehearsalError`` naming the shape."""
     if _guard_state["installed"]:
         return
     from transformers.models.llama import modeling_llama
 
     original = modeling_llama.LlamaModel.forward
+    original_causal = modeling_llama.LlamaForCausalLM.forward
     limit_rows = max_rows_per_forward()
 
     def guarded_forward(self, input_ids=None, *args, **kwargs):
@@ -138,7 +199,22 @@ def install_guards() -> None:
                 f"{limit_rows}: split it into batches")
         return original(self, input_ids, *args, **kwargs)
 
+    def guarded_causal_forward(self, input_ids=None, *args, **kwargs):
+        if getattr(self.config, "course_rehearsal", False):
+            shape = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).shape
+            kept = kwargs.get("logits_to_keep") or 0
+            positions = kept if isinstance(kept, int) and kept > 0 else shape[1]
+            size = logits_gb(shape[0], positions)
+            if size > LOGITS_LIMIT_GB:
+                raise RehearsalError(
+                    f"a forward pass of {shape[0]} x {positions} positions: {size:.1f} GB of fp32 logits "
+                    f"at TinyLlama's vocabulary, over the {LOGITS_LIMIT_GB} GB a T4 has room for: score "
+                    "in smaller batches (the evaluation recipe's scoring section)")
+        return original_causal(self, input_ids, *args, **kwargs)
+
     modeling_llama.LlamaModel.forward = guarded_forward
+    modeling_llama.LlamaForCausalLM.forward = guarded_causal_forward
+    _t4_mixed_precision_on_the_cpu()
     _guard_state["installed"] = True
 
 

@@ -1,0 +1,222 @@
+"""GPU memory of a training or scoring step traced at full scale on a machine without a GPU.
+
+torch's ``FakeTensorMode`` runs the real modules (transformers' Llama, peft's LoRA layers,
+bitsandbytes' 4-bit matmul through the fake kernels it registers, torch's AdamW) on tensors that
+have shapes, dtypes and sizes but no storage, so a step of TinyLlama-1.1B with its 32,000-token
+vocabulary costs seconds and no memory; ``torch.distributed._tools.mem_tracker.MemTracker``
+records the peak bytes alive by parameters, gradients, optimizer states, activations and
+temporaries. ``course_utils.budget.trace_phases`` builds every colab phase of lessons 07-11 with it.
+
+What a trace is and is not, on this torch (CPU build):
+
+- the tensors are fake **CPU** tensors: autograd on fake CUDA tensors aborts in a build without
+  CUDA, and CUDA autocast switches itself off there. Their bytes are the bytes a T4 holds; the step
+  runs under CPU fp16 autocast, whose list of ops cast to fp16 matches CUDA's for the matmuls;
+  attention takes the CPU's fused kernel, which saves for backward what CUDA's memory-efficient
+  kernel (a T4 has no FlashAttention) saves: the output and one log-sum-exp per row;
+- it counts tensors, not the CUDA context or the caching allocator's slack
+  (``course_utils.budget.CUDA_CONTEXT_GB`` adds them);
+- dropout runs as CUDA's fused kernel (a one-byte mask), not the CPU's (a mask in the input's
+  dtype);
+- the trainers' loops (data loading, logging, trl's collators) do not run under fake tensors: a
+  phase traces the step those loops call, with the recipe's batch and lengths.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+#: rows of an NF4 block and of the second-level block of double quantization (bitsandbytes' defaults)
+NF4_BLOCK, NESTED_BLOCK = 64, 256
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+@contextmanager
+def fake_tensors():
+    """``FakeTensorMode``, with ``register_hook`` made a no-op on tensors that need no gradient:
+    ``MemTracker`` hooks every parameter of a tracked module, and a frozen base model's refuse."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    hook, post_hook = torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook
+    dropout = torch.nn.functional.dropout
+    torch.Tensor.register_hook = lambda self, fn: hook(self, fn) if self.requires_grad else _NoHook()
+    torch.Tensor.register_post_accumulate_grad_hook = (
+        lambda self, fn: post_hook(self, fn) if self.requires_grad else _NoHook())
+    torch.nn.functional.dropout = _dropout_as_on_cuda
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook = hook, post_hook
+        torch.nn.functional.dropout = dropout
+
+
+def _dropout_as_on_cuda(input, p=0.5, training=True, inplace=False):
+    """CUDA's fused dropout (``native_dropout``), which keeps a one-byte mask for backward; the
+    CPU's eager dropout keeps the mask in the input's dtype (four bytes in peft's fp32 LoRA path)."""
+    if not training or p == 0:
+        return input
+    return torch.native_dropout(input, p, True)[0]
+
+
+def meta_model(config, head: str = "causal", dtype: torch.dtype = torch.float16, nf4: bool = False):
+    """TinyLlama (``config``) on the meta device in ``dtype``, as ``from_pretrained`` loads it: with
+    the LM head (``causal``) or a one-output ``score`` head (``reward``), and with every linear
+    layer of the decoder in bitsandbytes' ``Linear4bit`` when ``nf4`` (the LM head stays 16-bit, as
+    ``BitsAndBytesConfig`` leaves it)."""
+    import bitsandbytes as bnb
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            if head == "causal":
+                model = LlamaForCausalLM(config)
+            else:
+                config = type(config)(**{**config.to_dict(), "num_labels": 1, "pad_token_id": 0})
+                model = LlamaForSequenceClassification(config)
+            if nf4:
+                for layer in model.model.layers:
+                    for parent in (layer.self_attn, layer.mlp):
+                        for name, child in list(parent.named_children()):
+                            if isinstance(child, torch.nn.Linear):
+                                setattr(parent, name, bnb.nn.Linear4bit(
+                                    child.in_features, child.out_features, bias=False,
+                                    compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                    device="meta"))
+                model.is_loaded_in_4bit = True
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def _fake_nf4_weight(module, name, parameter, dtype):
+    """The weight of a ``Linear4bit`` as bitsandbytes stores it after quantizing: two weights per
+    byte, one 8-bit absmax per 64 weights (double quantization) and one fp32 absmax per 256 of
+    those, with the ``quant_state`` its matmul reads. (A fake tensor cannot become a
+    ``Params4bit``; the layer's forward needs only the data and ``quant_state``.) The absmax
+    tensors are registered as buffers of ``module``, so that the trace counts them."""
+    from bitsandbytes.functional import QuantState
+
+    shape = parameter.shape
+    n = shape.numel()
+    nested = QuantState(absmax=torch.empty(-(-n // NF4_BLOCK // NESTED_BLOCK), dtype=torch.float32),
+                        code=torch.empty(256, dtype=torch.float32), blocksize=NESTED_BLOCK,
+                        dtype=torch.float32)
+    state = QuantState(absmax=torch.empty(n // NF4_BLOCK, dtype=torch.uint8), shape=shape,
+                       code=torch.empty(16, dtype=torch.float32), blocksize=NF4_BLOCK,
+                       quant_type="nf4", dtype=dtype, offset=torch.empty((), dtype=torch.float32),
+                       state2=nested)
+    module.register_buffer(f"{name}_absmax", state.absmax)
+    module.register_buffer(f"{name}_nested_absmax", nested.absmax)
+    weight = torch.nn.Parameter(torch.empty(n // 2, 1, dtype=torch.uint8), requires_grad=False)
+    for key, value in {"quant_state": state, "quant_type": "nf4", "blocksize": NF4_BLOCK,
+                       "compress_statistics": True, "bnb_quantized": True,
+                       "quant_storage": torch.uint8, "module": module}.items():
+        setattr(weight, key, value)
+    return weight
+
+
+def materialize(model, compute_dtype: torch.dtype = torch.float16):
+    """Give every parameter and buffer of a meta-device ``model`` a fake tensor of its shape and
+    dtype (a quantized ``Params4bit`` for 4-bit weights). Call inside ``fake_tensors()``."""
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None:
+                continue
+            if parameter.__class__.__name__ == "Params4bit":
+                module._parameters[name] = _fake_nf4_weight(module, name, parameter, compute_dtype)
+            else:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(parameter.shape, dtype=parameter.dtype),
+                    requires_grad=parameter.requires_grad)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "meta":
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+    return model
+
+
+_active: list = []
+
+
+def next_forward() -> None:
+    """Call between two forward passes of one model in a traced step (a reference pass with the
+    adapter off, then the policy's): ``MemTracker`` keeps per-module statistics for one call of
+    each module; the peak it records over the whole step is kept."""
+    if _active:
+        _active[-1].reset_mod_stats()
+
+
+def peak_bytes(resident, step, optimizer=None) -> dict:
+    """Run ``step()`` under ``MemTracker`` with the models in ``resident`` (and ``optimizer``'s
+    states) tracked; return the peak bytes: ``total`` and its parts (``parameters``, ``gradients``,
+    ``optimizer``, ``activations``, ``temporaries``, ``buffers``, ``other``)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class PeakOnly(MemTracker):
+        """The whole step's peak only: MemTracker also keeps every module's own peak, walking all of
+        them at every op, which makes a 22-layer step quadratic in its length."""
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot["Total"]:
+                    self._peak_mem[device] = snapshot["Total"]
+                    self._peak_mem_snap[device] = dict(snapshot)
+
+    tracker = PeakOnly()
+    tracker.track_external(*resident, *([optimizer] if optimizer is not None else []))
+    _active.append(tracker)
+    try:
+        with tracker:
+            step()
+    finally:
+        _active.pop()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    names = {_MemRefType.PARAM: "parameters", _MemRefType.GRAD: "gradients",
+             _MemRefType.OPT: "optimizer", _MemRefType.ACT: "activations",
+             _MemRefType.TEMP: "temporaries", _MemRefType.BUFFER: "buffers",
+             _MemRefType.OTH: "other"}
+    result = {names[kind]: value for kind, value in peak.items() if kind in names}
+    result["total"] = peak["Total"]
+    return result
+
+
+def layer_bytes_per_token(model, residual_dtype: torch.dtype, autocast: bool, tokens: int = 256,
+                          grad: bool = True) -> dict:
+    """Activation bytes per token of the first decoder layer of a materialized ``model``: ``saved``
+    (what its forward keeps for backward) and ``peak`` (the most alive during its forward and
+    backward; its forward alone without ``grad``), for ``tokens`` tokens of a residual stream in
+    ``residual_dtype``. Call inside ``fake_tensors()``."""
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    decoder = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    layer, rotary = decoder.layers[0], decoder.rotary_emb
+    hidden = torch.empty(1, tokens, model.config.hidden_size, dtype=residual_dtype, requires_grad=grad)
+    positions = torch.arange(tokens)[None]
+    saved = {}
+
+    def activations(tracker) -> float:
+        snapshot = tracker.get_tracker_snapshot()[torch.device("cpu")]
+        return snapshot.get(_MemRefType.ACT, 0) + snapshot.get(_MemRefType.TEMP, 0)
+
+    def step():
+        tracker = _active[-1]
+        before = activations(tracker)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast), torch.set_grad_enabled(grad):
+            output = layer(hidden, position_embeddings=rotary(hidden, positions), position_ids=positions)
+        output = output[0] if isinstance(output, tuple) else output
+        saved["bytes"] = activations(tracker) - before - output.numel() * output.element_size()
+        if grad:
+            output.float().sum().backward()
+
+    peak = peak_bytes([model], step)
+    parameters = sum(peak.get(kind, 0) for kind in ("parameters", "buffers", "gradients", "optimizer"))
+    input_bytes = hidden.numel() * hidden.element_size()
+    return {"saved": saved["bytes"] / tokens, "peak": (peak["total"] - parameters - input_bytes) / tokens}
