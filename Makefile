@@ -8,7 +8,7 @@ PROFILE ?= auto
 # Offline by design: the tiny profile never needs the network, and a stray download fails fast.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 
-.PHONY: help install run test portability drift site browser lab exercises world course-model lint clean
+.PHONY: help install run test portability drift site browser lab exercises world course-model t4-check lint clean
 
 help:
 	@echo "make run           execute every notebook in order (PROFILE=$(PROFILE)), print the metrics table"
@@ -21,6 +21,7 @@ help:
 	@echo "make exercises     regenerate exercises/ from solutions/"
 	@echo "make world         regenerate data/world/ from its seed"
 	@echo "make course-model  rebuild data/course-model/ (about 7 minutes on 2 cores)"
+	@echo "make t4-check      on a CUDA GPU: lessons 07-11 at full scale capped to a T4's 15 GB: t4/measured.json"
 
 install: $(STAMP)
 
@@ -79,6 +80,13 @@ world: $(STAMP)
 
 course-model: $(STAMP)
 	$(OFFLINE) $(PY) -m course_utils.builds.course_model
+
+# On a machine with a CUDA GPU and no network: every budget phase, then lessons 07-11 on a full-size
+# random stand-in (TinyLlama's configuration and vocabulary, the rehearsal's shipped rows, the colab
+# recipes' counts), memory capped to a T4's 15 GB and fp16 forced; peak memory and minutes per phase
+# and per lesson beside the budget's predictions in t4/measured.json (scripts/t4_check.py).
+t4-check: $(STAMP)
+	$(OFFLINE) $(PY) scripts/t4_check.py $(T4_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check course_utils tests scripts notebooks solutions exercises

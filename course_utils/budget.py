@@ -23,9 +23,11 @@ These are predictions from stated assumptions, not measurements (no session has 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -391,15 +393,19 @@ def _meta_trainable(config, recipe, *, nf4: bool, head: str = "causal"):
     checkpointing = recipe.training.get("activation_checkpointing", False)
     model = gpu_trace.meta_model(config, head, nf4=nf4)
     if nf4:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():  # peft 0.21 still calls transformers' old checkpointing names
+            warnings.simplefilter("ignore", FutureWarning)
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     task = "CAUSAL_LM" if head == "causal" else "SEQ_CLS"
-    model = get_peft_model(model, LoraConfig(**recipe.lora, task_type=task))
+    with warnings.catch_warnings():  # as above: peft asks is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(model, LoraConfig(**recipe.lora, task_type=task))
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = torch.empty_like(parameter.data, dtype=torch.float32)
@@ -418,8 +424,8 @@ def _meta_frozen(config, kind: str):
     return gpu_trace.meta_model(config, "reward" if kind == "reward" else "causal")
 
 
-def _ids(config, rows: int, length: int):
-    return torch.randint(0, config.vocab_size, (rows, length))
+def _ids(config, rows: int, length: int, device=None):
+    return torch.randint(0, config.vocab_size, (rows, length), device=device)
 
 
 def _initialise_optimizer(model, extra=()):
@@ -434,26 +440,37 @@ def _initialise_optimizer(model, extra=()):
     return optimizer
 
 
-def _trace(resident_meta: list, build_step, trained=None, extra_trainable=()) -> dict:
-    """Materialize the models as fake tensors, build the step, and trace it."""
-    with gpu_trace.fake_tensors():
-        models = [gpu_trace.materialize(m) for m in resident_meta]
-        extra = [gpu_trace.materialize(m) for m in extra_trainable]
+def _trace(resident_meta: list, build_step, trained=None, extra_trainable=(), device=None) -> dict:
+    """Materialize the models (fake tensors, or random ones on ``device``), build the step, and
+    measure its peak."""
+    context = gpu_trace.fake_tensors() if device is None else contextlib.nullcontext()
+    with context:
+        models = [gpu_trace.materialize(m, device=device) for m in resident_meta]
+        extra = [gpu_trace.materialize(m, device=device) for m in extra_trainable]
         optimizer = None
         if trained is not None:
             models[trained].train()
             optimizer = _initialise_optimizer(models[trained], [p for m in extra for p in m.parameters()])
         step = build_step(models, extra, optimizer)
-        return gpu_trace.peak_bytes(models + extra, step, optimizer)
+        measure = gpu_trace.peak_bytes if device is None else gpu_trace.device_peak_bytes
+        result = measure(models + extra, step, optimizer)
+    del models, extra, optimizer, step
+    return result
+
+
+def _device_of(models):
+    device = next(models[0].parameters()).device
+    return device, device.type
 
 
 def _causal_lm_training(config, rows, length, autocast=True):
     def build(models, _, optimizer):
         model = models[0]
-        ids = _ids(config, rows, length)
+        device, kind = _device_of(models)
+        ids = _ids(config, rows, length, device)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            with torch.autocast(kind, dtype=torch.float16, enabled=autocast):
                 loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
             loss.backward()
             optimizer.step()
@@ -470,12 +487,13 @@ def _scoring(config, rows, length, kind, which=0, reward_index=None, prompt_leng
     its key/value cache and the last position's logits, then the reward model on the whole row)."""
     def build(models, _, __):
         model = models[which]
-        ids = _ids(config, rows, length)
+        device, device_type = _device_of(models)
+        ids = _ids(config, rows, length, device)
         mask = torch.ones_like(ids)
 
         @torch.no_grad()
         def step():
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(device_type, dtype=torch.float16):
                 if kind == "sequence":
                     dpo.sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
                 elif kind == "response":
@@ -491,10 +509,11 @@ def _scoring(config, rows, length, kind, which=0, reward_index=None, prompt_leng
     return build
 
 
-def trace_phases(config=None, only: set | None = None) -> list[tuple[Phase, dict]]:
+def trace_phases(config=None, only: set | None = None, device=None) -> list[tuple[Phase, dict]]:
     """Every phase of ``course_phases`` traced: ``(phase, peak bytes by kind)``. ``config``
-    replaces TinyLlama's (tests trace a 2-layer TinyLlama at full width and vocabulary);
-    ``only`` restricts to those phase indices. Several minutes at full scale on a CPU."""
+    replaces TinyLlama's; ``only`` restricts to those phase indices. Under a minute at full scale on
+    a CPU. With ``device`` (``"cuda"``: ``scripts/t4_check.py``) the same steps run on real tensors
+    there, and the peak is the device's."""
     config = config or _config()
     phases = course_phases(config)
     sft, reward = load_recipe("sft", "colab"), load_recipe("reward", "colab")
@@ -514,10 +533,11 @@ def trace_phases(config=None, only: set | None = None) -> list[tuple[Phase, dict
 
     def ppo_step(models, extra, optimizer):
         policy_model, value_head = models[-1], extra[0]
-        ids = _ids(config, p["minibatch_size"], sequence)
+        device, _ = _device_of(models)
+        ids = _ids(config, p["minibatch_size"], sequence, device)
         mask = torch.ones_like(ids)
         start = p["max_prompt_length"]
-        response = torch.ones(p["minibatch_size"], sequence - start)
+        response = torch.ones(p["minibatch_size"], sequence - start, device=device)
 
         def step():  # ppo.ppo_step's minibatch update: the course loop runs no autocast
             logprobs, values = response_logprobs(policy_model, ids, mask, start, value_head)
@@ -532,12 +552,13 @@ def trace_phases(config=None, only: set | None = None) -> list[tuple[Phase, dict
 
     def dpo_step(models, _, optimizer):
         policy_model = models[-1]
+        device, kind = _device_of(models)
         rows = 2 * dpo_recipe.training["per_device_train_batch_size"]
-        ids = _ids(config, rows, min(pair_tokens, dpo_recipe.training["max_length"]))
+        ids = _ids(config, rows, min(pair_tokens, dpo_recipe.training["max_length"]), device)
         mask = torch.ones_like(ids)
 
         def step():  # trl's DPO step: the reference (adapter off) without gradients, then the policy
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(kind, dtype=torch.float16):
                 with torch.no_grad(), policy_model.disable_adapter():
                     reference = dpo.sequence_logprobs(policy_model(input_ids=ids).logits, ids, mask)
                 gpu_trace.next_forward()
@@ -551,11 +572,12 @@ def trace_phases(config=None, only: set | None = None) -> list[tuple[Phase, dict
 
     def reward_step(models, _, optimizer):
         model = models[0]
+        device, kind = _device_of(models)
         rows = 2 * reward.training["per_device_train_batch_size"]
-        ids = _ids(config, rows, min(pair_tokens, reward.training["max_length"]))
+        ids = _ids(config, rows, min(pair_tokens, reward.training["max_length"]), device)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(kind, dtype=torch.float16):
                 scores = model(input_ids=ids).logits.squeeze(-1)
             chosen, rejected = scores.float().chunk(2)
             (-torch.nn.functional.logsigmoid(chosen - rejected)).mean().backward()
@@ -565,14 +587,15 @@ def trace_phases(config=None, only: set | None = None) -> list[tuple[Phase, dict
 
     def grpo_step(models, _, optimizer):
         policy_model = models[-1]
+        device, kind = _device_of(models)
         g = grpo.training
         ids = _ids(config, g["per_device_train_batch_size"],
-                   p["max_prompt_length"] + g["max_completion_length"])
+                   p["max_prompt_length"] + g["max_completion_length"], device)
         mask = torch.ones_like(ids)
         start = p["max_prompt_length"]
 
         def step():  # trl's GRPO loss: per-token log-probabilities, the reference's with the adapter off
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(kind, dtype=torch.float16):
                 with torch.no_grad(), policy_model.disable_adapter():
                     reference, _ = response_logprobs(policy_model, ids, mask, start)
                 gpu_trace.next_forward()
@@ -584,45 +607,48 @@ def trace_phases(config=None, only: set | None = None) -> list[tuple[Phase, dict
         return step
 
     chat = evaluation.chat
+    def trace(*args, **kwargs):
+        return _trace(*args, device=device, **kwargs)
+
     tracers = [
-        lambda: _trace([sft_model()], _causal_lm_training(config, t["per_device_train_batch_size"],
+        lambda: trace([sft_model()], _causal_lm_training(config, t["per_device_train_batch_size"],
                                                           t["max_length"]), trained=0),
-        lambda: _trace([sft_model(), _meta_trainable(config, sft, nf4=True)],
+        lambda: trace([sft_model(), _meta_trainable(config, sft, nf4=True)],
                        _causal_lm_training(config, t["per_device_train_batch_size"], t["max_length"]),
                        trained=0),
-        lambda: _trace([_meta_frozen(config, "nf4"), _meta_frozen(config, "nf4"),
+        lambda: trace([_meta_frozen(config, "nf4"), _meta_frozen(config, "nf4"),
                         *(_meta_frozen(config, "fp16") for _ in range(3))],
                        _scoring(config, chat["batch_size"], chat["max_length"], "sequence")),
-        lambda: _trace([_meta_trainable(config, reward, nf4=False, head="reward")], reward_step,
+        lambda: trace([_meta_trainable(config, reward, nf4=False, head="reward")], reward_step,
                        trained=0),
-        lambda: _trace([_meta_frozen(config, "reward"),
+        lambda: trace([_meta_frozen(config, "reward"),
                         _meta_trainable(config, ppo_recipe, nf4=False)], ppo_step, trained=1,
                        extra_trainable=[_meta_value_head(config)]),
-        lambda: _trace([_meta_frozen(config, "reward"), _meta_frozen(config, "fp16"),
+        lambda: trace([_meta_frozen(config, "reward"), _meta_frozen(config, "fp16"),
                         _meta_trainable(config, ppo_recipe, nf4=False)], ppo_step, trained=2,
                        extra_trainable=[_meta_value_head(config)]),
-        lambda: _trace([_meta_frozen(config, "fp16"), _meta_frozen(config, "reward")],
+        lambda: trace([_meta_frozen(config, "fp16"), _meta_frozen(config, "reward")],
                        _scoring(config, bon["batch_size"], reply_sequence, "generate",
                                 reward_index=1, prompt_length=policy["max_prompt_length"])),
-        lambda: _trace([_meta_frozen(config, "reward"), _meta_frozen(config, "fp16"),
+        lambda: trace([_meta_frozen(config, "reward"), _meta_frozen(config, "fp16"),
                         _meta_trainable(config, grpo, nf4=False)], grpo_step, trained=2),
-        lambda: _trace([_meta_frozen(config, "reward"), _meta_trainable(config, dpo_recipe, nf4=True)],
+        lambda: trace([_meta_frozen(config, "reward"), _meta_trainable(config, dpo_recipe, nf4=True)],
                        dpo_step, trained=1),
-        lambda: _trace([_meta_frozen(config, "reward"), _meta_frozen(config, "nf4"),
+        lambda: trace([_meta_frozen(config, "reward"), _meta_frozen(config, "nf4"),
                         _meta_frozen(config, "nf4")],
                        _scoring(config, 2 * scoring["dpo_pairs_batch_size"],
                                 dpo_recipe.training["max_length"], "sequence", which=2)),
-        lambda: _trace([_meta_frozen(config, "reward"), _meta_frozen(config, "nf4"),
+        lambda: trace([_meta_frozen(config, "reward"), _meta_frozen(config, "nf4"),
                         _meta_trainable(config, dpo_recipe, nf4=True)], dpo_step, trained=2),
-        lambda: _trace([_meta_frozen(config, "nf4"), _meta_frozen(config, "reward"),
+        lambda: trace([_meta_frozen(config, "nf4"), _meta_frozen(config, "reward"),
                         _meta_frozen(config, "fp16"), _meta_frozen(config, "fp16")],
                        _scoring(config, policy["batch_size"], reply_sequence, "response",
                                 prompt_length=policy["max_prompt_length"])),
-        lambda: _trace([_meta_frozen(config, "fp16"), _meta_frozen(config, "reward"),
+        lambda: trace([_meta_frozen(config, "fp16"), _meta_frozen(config, "reward"),
                         _meta_frozen(config, "fp16")],
                        _scoring(config, policy["batch_size"], reply_sequence, "response",
                                 prompt_length=policy["max_prompt_length"])),
-        lambda: _trace([_meta_frozen(config, "fp16"), _meta_frozen(config, "reward")],
+        lambda: trace([_meta_frozen(config, "fp16"), _meta_frozen(config, "reward")],
                        _scoring(config, bon["batch_size"], reply_sequence, "generate",
                                 reward_index=1, prompt_length=policy["max_prompt_length"])),
     ]

@@ -227,7 +227,9 @@ def test_accelerate_configs_are_valid(name):
 
 
 def test_trl_keeps_a_4bit_models_adapters_in_bf16_whatever_the_precision():
-    """Finding 11: what lesson 07 says and the T4 budget counts (2 bytes per adapter weight)."""
+    """Finding 11: what lesson 07 says. On the CPU (fp32) they stay in bf16; under fp16 (a T4, and
+    the rehearsal) ``make_trainer`` casts them to fp32, which is what the T4 budget counts
+    (tests/test_rehearsal.py shows the fp16 gradient scaler refusing them otherwise)."""
     from course_utils import qlora_sft
     from course_utils.course import data, recipes
     from course_utils.course.profiles import tiny_profile

@@ -14,7 +14,7 @@ import torch
 
 from course_utils.course import data, recipes, rehearsal
 from course_utils.course.models import tinyllama_config
-from course_utils.course.paths import COURSE_MODEL_DIR, NOTEBOOKS_DIR, SAMPLES_DIR
+from course_utils.course.paths import COURSE_MODEL_DIR, NOTEBOOKS_DIR, REPO_ROOT, SAMPLES_DIR
 from course_utils.course.profiles import rehearsal_profile as make_rehearsal_profile
 from course_utils.course.profiles import tiny_profile
 
@@ -417,3 +417,85 @@ def test_logits_too_large_for_a_t4_fail(rehearsal_profile):
         rows, positions = rehearsal.max_rows_per_forward(), 2048
         assert rehearsal.logits_gb(rows, positions) > rehearsal.LOGITS_LIMIT_GB
         model(torch.ones(rows, positions, dtype=torch.long), logits_to_keep=1)
+
+
+def test_a_rebuilt_model_leaves_nothing_on_the_gpu(monkeypatch, tmp_path):
+    """Issue 35, finding 4: ``build_stage`` returned with its trainer (optimizer states among it)
+    held in a reference cycle, as accelerate leaves one (the model keeps its original forward), so
+    a T4 kept every rebuilt model's memory until Python's collector happened to run."""
+    import gc
+    import weakref
+
+    from course_utils import pipeline
+    from course_utils.course import stages
+
+    states = []
+
+    class Trainer:
+        def __init__(self, model):
+            self.model, self.state = model, torch.zeros(1000)
+            model.trainer = self  # the cycle
+
+    def builder(profile, recipe, parents, verbose=True):
+        model = torch.nn.Linear(2, 2)
+        trainer = Trainer(torch.nn.Linear(2, 2))  # unreachable once the builder returns, but a cycle
+        states.append(weakref.ref(trainer.state))
+        return model, None, {}
+
+    monkeypatch.setitem(pipeline.BUILDERS, "sft", builder)
+    monkeypatch.setattr(stages, "save_stage", lambda *args, **kwargs: tmp_path)
+    gc.disable()
+    try:
+        pipeline.build_stage("sft", tiny_profile(), recipes.load_recipe("sft", "tiny"), verbose=False)
+        assert all(state() is None for state in states)
+    finally:
+        gc.enable()
+
+
+def test_reward_scoring_cuts_a_long_conversation_at_the_models_positions(rehearsal_profile):
+    """Issue 35, finding 4: the reward model scored whole held-out conversations, however long (an
+    Orca prompt runs to thousands of tokens): past 2,048 positions on a T4, and 64 of them per pass.
+    It now keeps each conversation's last ``max_position_embeddings`` tokens, where the score is
+    read."""
+    from course_utils import reward_modeling
+    from course_utils.course import models
+
+    tokenizer = models.load_tokenizer(rehearsal_profile.model_name_or_path)
+    model = reward_modeling.load_reward_model(rehearsal_profile.model_name_or_path, tokenizer,
+                                              rehearsal_profile.compute_dtype)
+    long_prompt = [{"role": "user", "content": "Tell me about Fenwick. " * 600}]
+    assert len(tokenizer(long_prompt[0]["content"]).input_ids) > model.config.max_position_embeddings
+    short = reward_modeling.score_responses(model, tokenizer, [long_prompt], ["It is a town."], 1)
+    assert torch.isfinite(short).all()
+
+
+def test_the_full_scale_rehearsal_is_tinyllama_uncapped_on_a_gpu(monkeypatch):
+    """``COURSE_REHEARSAL_SCALE=full`` (``scripts/t4_check.py``): TinyLlama's own configuration and
+    vocabulary, the colab recipes' counts, and a clear refusal without a GPU."""
+    from course_utils.course import profiles
+
+    monkeypatch.setenv(recipes.REHEARSAL_SCALE_VARIABLE, "full")
+    config = rehearsal.standin_config()
+    tiny = tinyllama_config()
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (
+        tiny.num_hidden_layers, tiny.hidden_size, 32000)
+    assert rehearsal.standin_dir().name == "rehearsal-standin-full"
+    for stage in COUNTED_STAGES:
+        assert recipes.load_recipe(stage, "rehearsal").values == recipes.load_recipe(stage, "colab").values
+    if not torch.cuda.is_available():
+        with pytest.raises(profiles.ProfileError, match="needs a CUDA GPU"):
+            profiles.rehearsal_profile()
+    monkeypatch.setenv(recipes.REHEARSAL_SCALE_VARIABLE, "huge")
+    with pytest.raises(recipes.RecipeError, match="standin"):
+        recipes.load_recipe("sft", "rehearsal")
+
+
+def test_the_gpu_check_refuses_a_machine_without_one(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("t4_check", REPO_ROOT / "scripts" / "t4_check.py")
+    t4_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t4_check)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        t4_check.main(["--phases"])

@@ -39,22 +39,29 @@ class _NoHook:
 
 @contextmanager
 def fake_tensors():
-    """``FakeTensorMode``, with ``register_hook`` made a no-op on tensors that need no gradient:
-    ``MemTracker`` hooks every parameter of a tracked module, and a frozen base model's refuse."""
+    """``FakeTensorMode``, with dropout run as CUDA runs it (``_dropout_as_on_cuda``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    hook, post_hook = torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook
     dropout = torch.nn.functional.dropout
-    torch.Tensor.register_hook = lambda self, fn: hook(self, fn) if self.requires_grad else _NoHook()
-    torch.Tensor.register_post_accumulate_grad_hook = (
-        lambda self, fn: post_hook(self, fn) if self.requires_grad else _NoHook())
     torch.nn.functional.dropout = _dropout_as_on_cuda
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
     finally:
-        torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook = hook, post_hook
         torch.nn.functional.dropout = dropout
+
+
+@contextmanager
+def _hooks_on_frozen_parameters_ignored():
+    """``MemTracker`` hooks every parameter of a tracked module; a frozen base model's refuse."""
+    hook, post_hook = torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook
+    torch.Tensor.register_hook = lambda self, fn: hook(self, fn) if self.requires_grad else _NoHook()
+    torch.Tensor.register_post_accumulate_grad_hook = (
+        lambda self, fn: post_hook(self, fn) if self.requires_grad else _NoHook())
+    try:
+        yield
+    finally:
+        torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook = hook, post_hook
 
 
 def _dropout_as_on_cuda(input, p=0.5, training=True, inplace=False):
@@ -80,7 +87,8 @@ def meta_model(config, head: str = "causal", dtype: torch.dtype = torch.float16,
             if head == "causal":
                 model = LlamaForCausalLM(config)
             else:
-                config = type(config)(**{**config.to_dict(), "num_labels": 1, "pad_token_id": 0})
+                settings = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+                config = type(config)(**{**settings, "num_labels": 1, "pad_token_id": 0})
                 model = LlamaForSequenceClassification(config)
             if nf4:
                 for layer in model.model.layers:
@@ -97,7 +105,7 @@ def meta_model(config, head: str = "causal", dtype: torch.dtype = torch.float16,
     return model
 
 
-def _fake_nf4_weight(module, name, parameter, dtype):
+def _fake_nf4_weight(module, name, parameter, dtype, device=None):
     """The weight of a ``Linear4bit`` as bitsandbytes stores it after quantizing: two weights per
     byte, one 8-bit absmax per 64 weights (double quantization) and one fp32 absmax per 256 of
     those, with the ``quant_state`` its matmul reads. (A fake tensor cannot become a
@@ -107,16 +115,16 @@ def _fake_nf4_weight(module, name, parameter, dtype):
 
     shape = parameter.shape
     n = shape.numel()
-    nested = QuantState(absmax=torch.empty(-(-n // NF4_BLOCK // NESTED_BLOCK), dtype=torch.float32),
-                        code=torch.empty(256, dtype=torch.float32), blocksize=NESTED_BLOCK,
+    nested = QuantState(absmax=_tensor((-(-n // NF4_BLOCK // NESTED_BLOCK),), torch.float32, device),
+                        code=_tensor((256,), torch.float32, device), blocksize=NESTED_BLOCK,
                         dtype=torch.float32)
-    state = QuantState(absmax=torch.empty(n // NF4_BLOCK, dtype=torch.uint8), shape=shape,
-                       code=torch.empty(16, dtype=torch.float32), blocksize=NF4_BLOCK,
-                       quant_type="nf4", dtype=dtype, offset=torch.empty((), dtype=torch.float32),
+    state = QuantState(absmax=_tensor((n // NF4_BLOCK,), torch.uint8, device), shape=shape,
+                       code=_tensor((16,), torch.float32, device), blocksize=NF4_BLOCK,
+                       quant_type="nf4", dtype=dtype, offset=_tensor((), torch.float32, device),
                        state2=nested)
     module.register_buffer(f"{name}_absmax", state.absmax)
     module.register_buffer(f"{name}_nested_absmax", nested.absmax)
-    weight = torch.nn.Parameter(torch.empty(n // 2, 1, dtype=torch.uint8), requires_grad=False)
+    weight = torch.nn.Parameter(_tensor((n // 2, 1), torch.uint8, device), requires_grad=False)
     for key, value in {"quant_state": state, "quant_type": "nf4", "blocksize": NF4_BLOCK,
                        "compress_statistics": True, "bnb_quantized": True,
                        "quant_storage": torch.uint8, "module": module}.items():
@@ -124,26 +132,57 @@ def _fake_nf4_weight(module, name, parameter, dtype):
     return weight
 
 
-def materialize(model, compute_dtype: torch.dtype = torch.float16):
-    """Give every parameter and buffer of a meta-device ``model`` a fake tensor of its shape and
-    dtype (a quantized ``Params4bit`` for 4-bit weights). Call inside ``fake_tensors()``."""
+def _tensor(shape, dtype, device):
+    """Inside ``fake_tensors()`` (``device`` None) a fake tensor; on a real device random values (a
+    GPU run, ``scripts/t4_check.py``): no NaN from uninitialised memory reaches a kernel."""
+    if device is None:
+        return torch.empty(shape, dtype=dtype)
+    if dtype.is_floating_point:
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0, 0.02)
+    return torch.randint(0, 256, shape, dtype=dtype, device=device)
+
+
+def materialize(model, compute_dtype: torch.dtype = torch.float16, device=None):
+    """Give every parameter and buffer of a meta-device ``model`` a tensor of its shape and dtype (a
+    4-bit layer's weight as bitsandbytes stores it): fake tensors inside ``fake_tensors()``, or
+    random ones on ``device``."""
     for module in model.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is None:
                 continue
             if parameter.__class__.__name__ == "Params4bit":
-                module._parameters[name] = _fake_nf4_weight(module, name, parameter, compute_dtype)
+                module._parameters[name] = _fake_nf4_weight(module, name, parameter, compute_dtype,
+                                                             device)
             else:
                 module._parameters[name] = torch.nn.Parameter(
-                    torch.empty(parameter.shape, dtype=parameter.dtype),
+                    _tensor(parameter.shape, parameter.dtype, device),
                     requires_grad=parameter.requires_grad)
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.device.type == "meta":
-                module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
+    if device is not None:  # RoPE's inverse frequencies: recomputed, as from_pretrained does
+        for module in model.modules():
+            if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
+                inv_freq, _ = module.rope_init_fn(module.config, device)
+                module.inv_freq, module.original_inv_freq = inv_freq, inv_freq
     return model
 
 
 _active: list = []
+
+
+def device_peak_bytes(resident, step, optimizer=None) -> dict:
+    """``peak_bytes`` for real tensors: on a GPU from its caching allocator (``total``: the most
+    allocated during ``step``, the resident models included; ``reserved``: what the allocator held,
+    fragmentation included); on the CPU with ``MemTracker``, as for fake tensors."""
+    device = next(resident[0].parameters()).device
+    if device.type != "cuda":
+        return peak_bytes(resident, step, optimizer)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return {"total": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
 
 
 def next_forward() -> None:
@@ -171,10 +210,11 @@ def peak_bytes(resident, step, optimizer=None) -> dict:
                     self._peak_mem_snap[device] = dict(snapshot)
 
     tracker = PeakOnly()
-    tracker.track_external(*resident, *([optimizer] if optimizer is not None else []))
+    with _hooks_on_frozen_parameters_ignored():
+        tracker.track_external(*resident, *([optimizer] if optimizer is not None else []))
     _active.append(tracker)
     try:
-        with tracker:
+        with _hooks_on_frozen_parameters_ignored(), tracker:
             step()
     finally:
         _active.pop()

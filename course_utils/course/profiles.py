@@ -101,9 +101,15 @@ def colab_profile() -> Profile:
 
 
 def rehearsal_profile() -> Profile:
+    device = "cpu"
+    if rehearsal.rehearsal_scale() == "full":
+        if not torch.cuda.is_available():
+            raise ProfileError("COURSE_REHEARSAL_SCALE=full rehearses the T4 path at TinyLlama's scale and "
+                               "needs a CUDA GPU (scripts/t4_check.py); unset it for the CPU rehearsal")
+        device = "cuda"
     rehearsal.install_guards()
     return Profile(
-        name="rehearsal", model_name_or_path=str(rehearsal.build_standin()), device="cpu",
+        name="rehearsal", model_name_or_path=str(rehearsal.build_standin()), device=device,
         compute_dtype=rehearsal.T4_DTYPE, load_in_4bit=True, data_source="hub",
         hub_data_dir=str(rehearsal.REHEARSAL_DATA_DIR))
 

@@ -345,7 +345,7 @@ def load_recipe(stage: str, profile, path: str | Path | None = None) -> Recipe:
         reporting.record({"kind": "recipe", "file": path.resolve().relative_to(
             recipes_dir().resolve()).as_posix()})
     if profile_name == REHEARSAL:
-        caps = rehearsal_caps().get(stage)
+        caps = None if rehearsal_scale() == "full" else rehearsal_caps().get(stage)
         if caps:
             capped = recipe.with_changes(**caps)
             recipe = Recipe(stage, profile_name, recipe.path, capped.values, caps=caps)
@@ -358,6 +358,19 @@ REHEARSAL = "rehearsal"
 COURSE_MODEL_STAGES = {"tour", "peft_methods"}
 #: the selection of Hub data sets, which only the profiles that load them have
 HUB_DATA_STAGES = {"data"}
+
+
+#: ``full``: the rehearsal at TinyLlama's scale on a GPU, uncapped (``scripts/t4_check.py``);
+#: ``standin`` (the default): the small stand-in on the CPU, counts capped
+REHEARSAL_SCALE_VARIABLE = "COURSE_REHEARSAL_SCALE"
+
+
+def rehearsal_scale() -> str:
+    scale = os.environ.get(REHEARSAL_SCALE_VARIABLE, "").strip() or "standin"
+    if scale not in ("standin", "full"):
+        raise RecipeError(f"{REHEARSAL_SCALE_VARIABLE}={scale!r}: use 'standin' (the CPU rehearsal) or "
+                          "'full' (TinyLlama's scale on a GPU, scripts/t4_check.py)")
+    return scale
 
 
 def rehearsal_caps() -> dict:

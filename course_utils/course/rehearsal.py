@@ -43,7 +43,7 @@ import torch
 from course_utils.course.chat import render_chat
 from course_utils.course.models import load_tokenizer, tinyllama_config
 from course_utils.course.paths import COURSE_MODEL_DIR, SAMPLES_DIR, WORLD_DIR, artifacts_dir
-from course_utils.course.recipes import load_recipe
+from course_utils.course.recipes import load_recipe, rehearsal_scale
 
 REHEARSAL_DATA_DIR = SAMPLES_DIR / "rehearsal"
 #: the stand-in's shape: TinyLlama's heads, positions and names; width and depth reduced (bitsandbytes'
@@ -56,13 +56,19 @@ FILES = {"sft_train": "ultrachat_200k_test_sft.jsonl", "sft_test": "ultrachat_20
 
 
 def standin_dir() -> Path:
-    return artifacts_dir("models", "rehearsal-standin")
+    full = rehearsal_scale() == "full"
+    return artifacts_dir("models", "rehearsal-standin-full" if full else "rehearsal-standin")
 
 
 def standin_config():
-    """TinyLlama-1.1B's ``LlamaConfig`` with ``STANDIN_SHAPE``'s width and depth."""
+    """TinyLlama-1.1B's ``LlamaConfig`` with ``STANDIN_SHAPE``'s width and depth; at
+    ``COURSE_REHEARSAL_SCALE=full`` (a GPU run, ``scripts/t4_check.py``) TinyLlama's own, its
+    32,000-token vocabulary included (the course tokenizer's ids are all below it)."""
 
     config = tinyllama_config()
+    if rehearsal_scale() == "full":
+        config.course_rehearsal = True
+        return config
     for key, value in STANDIN_SHAPE.items():
         setattr(config, key, value)
     config.vocab_size = json.loads((COURSE_MODEL_DIR / "config.json").read_text())["vocab_size"]
@@ -86,6 +92,8 @@ def build_standin(directory: Path | None = None) -> Path:
         return directory
     torch.manual_seed(STANDIN_SEED)
     model = LlamaForCausalLM(config)
+    if rehearsal_scale() == "full":  # 1.1B weights: saved in the 16 bits they are loaded in
+        model = model.to(T4_DTYPE)
     model.save_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(str(COURSE_MODEL_DIR))
     tokenizer.model_max_length = config.max_position_embeddings
