@@ -81,10 +81,11 @@ world: $(STAMP)
 course-model: $(STAMP)
 	$(OFFLINE) $(PY) -m course_utils.builds.course_model
 
-# On a machine with a CUDA GPU and no network: every budget phase, then lessons 07-11 on a full-size
-# random stand-in (TinyLlama's configuration and vocabulary, the rehearsal's shipped rows, the colab
-# recipes' counts), memory capped to a T4's 15 GB and fp16 forced; peak memory and minutes per phase
-# and per lesson beside the budget's predictions in t4/measured.json (scripts/t4_check.py).
+# On a machine with a CUDA GPU and no network: every budget phase at full size, then lessons 07-11 on
+# a full-size random stand-in (TinyLlama's configuration and vocabulary, the colab recipes' settings,
+# the rehearsal's few shipped rows), memory capped to a T4's 15 GB and fp16 forced; peak memory and
+# minutes per phase, lesson and cell beside the budget's predictions in t4/measured.json
+# (scripts/t4_check.py; T4_ARGS="--phases" for the phases only).
 t4-check: $(STAMP)
 	$(OFFLINE) $(PY) scripts/t4_check.py $(T4_ARGS)
 

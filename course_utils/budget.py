@@ -47,9 +47,10 @@ T4_FP16_FLOPS = 65e12           # NVIDIA T4 datasheet: 65 TFLOPS mixed-precision
 ASSUMED_UTILIZATION = 0.2       # of that peak, for Hugging Face training with 4-bit dequantization
 DECODE_STEP_SECONDS = 0.03      # one generated token for a whole batch, 22 layers, 4-bit weights
 SEQUENCE_TOKENS = {"chat": None, "pair_sequence": 512}  # None: the recipe's max_length
-#: Orca pairs held out on the Hub: the data set card's filter keeps 5.92k of 12,859 rows, a tenth is
-#: held out (as the filtered copy Filippo/distilabel-intel-orca-dpo-pairs-filtered splits it: 593)
+#: Orca pairs on the Hub: the data set card's filter keeps 5.92k of 12,859 rows, a tenth is held out
+#: (as the filtered copy Filippo/distilabel-intel-orca-dpo-pairs-filtered splits it: 5.33k and 593)
 HELD_OUT_PAIRS = 593
+TRAIN_PAIRS = 5_330
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,30 @@ def generation_seconds(prompts: int, batch_size: int, new_tokens: int, prompt_to
 
 # --- memory: counted, except one decoder layer's working set, traced on one layer ----------------
 
-#: bytes per token and vocabulary entry of the logits: fp16 logits, their fp32 copy and its
-#: log-softmax; in training also the log-softmax's gradient
-LOGIT_BYTES = {"score": 2 + 4 + 4, "train": 2 + 4 + 4 + 4}
+#: trl's fused LM head (``trl.kernels.chunked_logprob``): tiles of this many scored tokens x vocabulary
+FUSED_TILE = (4096, 32768)
+
+
+def sequence_logits(config, rows, positions, fp32_head: bool) -> float:
+    """``dpo.sequence_logprobs`` (and lesson 07's held-out loss) outside autocast: every position's
+    logits (fp32 from an fp32 LM head, else 16-bit with an fp32 copy) and their log-softmax."""
+    return rows * positions * config.vocab_size * ((4 if fp32_head else 2 + 4) + 4)
+
+
+def response_logits(config, rows, positions, reply, fp32_head: bool) -> float:
+    """``rollouts.response_logprobs``: every position's logits, the reply's in fp32 divided by the
+    temperature, and their log-softmax."""
+    return (rows * positions * config.vocab_size * (4 if fp32_head else 2)
+            + rows * reply * config.vocab_size * (4 + 4))
+
+
+def fused_head(config, tokens, fp32_head: bool) -> float:
+    """trl 1.16's fused LM head in training (``add_fused_lm_head``): no logits for the batch, one
+    16-bit tile at a time, the LM head's 16-bit copy when it is stored in fp32 (QLoRA's prepared
+    model), and the scored hidden states' fp32 gradient."""
+    tile = min(tokens, FUSED_TILE[0]) * min(config.vocab_size, FUSED_TILE[1]) * 2
+    head_copy = config.vocab_size * config.hidden_size * 2 if fp32_head else 0
+    return tile + head_copy + tokens * config.hidden_size * (2 + 4)
 
 
 @functools.cache
@@ -169,10 +191,6 @@ def training_working(stage, config, rows, length, *, nf4, head="causal", autocas
             "working": fixed + tokens * (per_token - kept) + logits}
 
 
-def _logits(config, rows, positions, kind="score") -> float:
-    return rows * positions * config.vocab_size * LOGIT_BYTES[kind]
-
-
 def course_phases(config=None) -> list[Phase]:
     """Every phase of lessons 07-11 with the colab recipes, in course order (``config`` replaces
     TinyLlama's, as the tests' traces of a shallower TinyLlama do)."""
@@ -183,19 +201,25 @@ def course_phases(config=None) -> list[Phase]:
     nf4, fp16, rm = (model_bytes(kind, config) for kind in ("nf4_prepared", "fp16", "reward"))
     chat, policy, scoring = evaluation.chat, evaluation.policy, evaluation.scoring
     pair_tokens = SEQUENCE_TOKENS["pair_sequence"]
-    adapter = 4 + 8  # fp32 weights (trainable_in_fp32_under_fp16) and AdamW's two fp32 states;
-    # no gradients at the peak: backward creates them as it frees the activations (traced)
+
+    def adapter(recipe):
+        """fp32 weights (trainable_in_fp32_under_fp16), AdamW's two fp32 states, and under gradient
+        accumulation their fp32 gradients: the Trainer zeroes them only after the optimizer step, so
+        they are alive through every later micro-batch (without accumulation backward creates them
+        as it frees the activations, after the peak)"""
+        return 4 + 8 + (4 if recipe.training.get("gradient_accumulation_steps", 1) > 1 else 0)
+
     phases = []
 
     # lesson 07: QLoRA SFT, then the same with loss on all tokens, then merge and compare
     t = sft.training
     rows, length = t["per_device_train_batch_size"], t["max_length"]
     sft_lora = lora_count(sft, config)
-    sft_train = dict(trainable=sft_lora, bytes_per_trainable=adapter,
+    sft_train = dict(trainable=sft_lora, bytes_per_trainable=adapter(sft),
                      seconds=60 * rebuild_minutes("sft"),
                      **training_working("sft", config, rows, length, nf4=True,
                                         checkpointing=t["activation_checkpointing"],
-                                        logits=_logits(config, rows, length, "train")))
+                                        logits=fused_head(config, rows * length, fp32_head=True)))
     chat_eval = (forward_seconds(chat["eval_examples"] * chat["max_length"])
                  + generation_seconds(chat["eval_examples"], chat["batch_size"],
                                       chat["max_new_tokens"], chat["max_length"]))
@@ -206,7 +230,7 @@ def course_phases(config=None) -> list[Phase]:
     phases.append(Phase("07", "evaluate before/after (4 times), merge two ways and compare",
                         (("NF4 SFT models", 2 * sft_model), ("fp16 reloaded", fp16),
                          ("fp16 merged", fp16), ("fp16 merged into the dequantized base", fp16)),
-                        working=_logits(config, chat["batch_size"], chat["max_length"]),
+                        working=sequence_logits(config, chat["batch_size"], chat["max_length"], False),
                         seconds=4 * chat_eval))
 
     # lesson 08: a reward model (16-bit weights, LoRA and score head in fp32)
@@ -215,7 +239,7 @@ def course_phases(config=None) -> list[Phase]:
     reward_tokens = t["max_steps"] * pairs * t["gradient_accumulation_steps"] * 2 * pair_tokens
     phases.append(Phase(
         "08", "reward model training", (("fp16 reward model", rm),),
-        trainable=lora_count(reward, config) + config.hidden_size, bytes_per_trainable=adapter,
+        trainable=lora_count(reward, config) + config.hidden_size, bytes_per_trainable=adapter(reward),
         seconds=training_seconds(reward_tokens, t["activation_checkpointing"])
         + 2 * forward_seconds(HELD_OUT_PAIRS * 2 * pair_tokens),
         **training_working("reward", config, 2 * pairs, min(pair_tokens, t["max_length"]), nf4=False,
@@ -229,19 +253,20 @@ def course_phases(config=None) -> list[Phase]:
         + 3 * forward_seconds(policy["max_prompts"] * (policy["max_prompt_length"]
                                                        + policy["max_new_tokens"]))
     minibatch = t["minibatch_size"]
-    # ppo.ppo_step: all the logits in 16 bits, the reply's positions in fp32 for the loss
-    ppo_logits = (minibatch * sequence * config.vocab_size * 2
-                  + minibatch * t["max_new_tokens"] * config.vocab_size * (LOGIT_BYTES["train"] - 2))
+    # ppo.ppo_step (zeroes gradients before each backward): all the logits in 16 bits, the reply's in
+    # fp32 for the loss, with their gradients
+    ppo_logits = response_logits(config, minibatch, sequence, t["max_new_tokens"], False) \
+        + minibatch * t["max_new_tokens"] * config.vocab_size * 4
     phases.append(Phase("09", "PPO", (("fp16 reward model", rm), ("fp16 policy", fp16)),
                         trainable=lora_count(ppo_recipe, config) + config.hidden_size + 1,
-                        bytes_per_trainable=adapter,
+                        bytes_per_trainable=adapter(ppo_recipe),
                         seconds=60 * rebuild_minutes("ppo") + 2 * policy_eval,
                         # the course's loop runs no autocast: peft's fp32 LoRA path upcasts
                         **training_working("ppo", config, minibatch, sequence, nf4=False,
                                            autocast=False, checkpointing=False, logits=ppo_logits)))
     phases.append(Phase("09", "PPO variants (opt-in KL sweep, ablations), first policy kept",
                         (("fp16 reward model", rm), ("fp16 PPO policy", fp16), ("fp16 variant", fp16)),
-                        trainable=phases[-1].trainable, bytes_per_trainable=adapter,
+                        trainable=phases[-1].trainable, bytes_per_trainable=adapter(ppo_recipe),
                         activations=phases[-1].activations, working=phases[-1].working))
     bon = ppo_recipe.best_of_n  # best-of-n: a pool of replies from the SFT policy, scored
     pool_replies = bon["pool_size"] * bon["max_prompts"]
@@ -257,13 +282,11 @@ def course_phases(config=None) -> list[Phase]:
     g = grpo.training
     completions = g["per_device_train_batch_size"]
     grpo_sequence = t["max_prompt_length"] + g["max_completion_length"]
-    grpo_logits = (completions * grpo_sequence * config.vocab_size * 2
-                   + completions * g["max_completion_length"] * config.vocab_size
-                   * (LOGIT_BYTES["train"] - 2))
+    grpo_logits = fused_head(config, completions * g["max_completion_length"], fp32_head=False)
     phases.append(Phase(
         "09", "GRPO (trl)", (("fp16 reward model", rm), ("fp16 PPO policy", fp16),
                              ("fp16 GRPO policy", fp16)),
-        trainable=lora_count(grpo, config), bytes_per_trainable=adapter,
+        trainable=lora_count(grpo, config), bytes_per_trainable=adapter(grpo),
         seconds=g["max_steps"] * (
             generation_seconds(completions, completions, g["max_completion_length"],
                                t["max_prompt_length"])
@@ -282,10 +305,10 @@ def course_phases(config=None) -> list[Phase]:
         t["activation_checkpointing"], reference_forward=True)
     dpo_lora = lora_count(dpo_recipe, config)
     dpo_length = min(pair_tokens, t["max_length"])
-    dpo_memory = dict(trainable=dpo_lora, bytes_per_trainable=adapter,
+    dpo_memory = dict(trainable=dpo_lora, bytes_per_trainable=adapter(dpo_recipe),
                       **training_working("dpo", config, 2 * pairs, dpo_length, nf4=True,
                                          checkpointing=t["activation_checkpointing"],
-                                         logits=_logits(config, 2 * pairs, dpo_length, "train")))
+                                         logits=fused_head(config, 2 * pairs * dpo_length, fp32_head=True)))
     phases.append(Phase("10", "QLoRA DPO", (("fp16 reward model", rm), ("NF4 policy", nf4)),
                         seconds=dpo_train_seconds + 2 * policy_eval, **dpo_memory))
     held_out = dpo_recipe.held_out["max_pairs"] or HELD_OUT_PAIRS
@@ -294,19 +317,23 @@ def course_phases(config=None) -> list[Phase]:
     phases.append(Phase(
         "10", f"held-out pairs scored ({pair_passes} passes over {held_out} pairs)",
         (("fp16 reward model", rm), ("NF4 DPO policy", nf4), ("NF4 run", nf4)),
-        working=_logits(config, 2 * scoring["dpo_pairs_batch_size"], t["max_length"]),
+        working=sequence_logits(config, 2 * scoring["dpo_pairs_batch_size"], t["max_length"], True),
         seconds=pair_passes * forward_seconds(held_out * 2 * pair_tokens)))
+    # IPO's target: DPO's per-token gap on training pairs, the policy's and the reference's passes
+    target_pairs = dpo_recipe.variants["ipo_target_pairs"] or TRAIN_PAIRS
     phases.append(Phase("10", f"beta sweep and IPO ({variants} runs, one on the GPU at a time)",
                         (("fp16 reward model", rm), ("NF4 DPO policy", nf4),
-                         ("NF4 policy", nf4)), seconds=variants * (dpo_train_seconds + policy_eval),
-                        **dpo_memory))
-    # rollouts.sequence_kl: the 16-bit logits of every position, the reply's in fp32
-    response_logits = (policy["batch_size"] * reply_sequence * config.vocab_size * 2
-                       + policy["batch_size"] * policy["max_new_tokens"] * config.vocab_size
-                       * (LOGIT_BYTES["score"] - 2))
+                         ("NF4 policy", nf4)),
+                        seconds=variants * (dpo_train_seconds + policy_eval)
+                        + 2 * forward_seconds(target_pairs * 2 * pair_tokens), **dpo_memory))
+    # rollouts.sequence_kl on the NF4 DPO policy (an fp32 LM head) and on 16-bit models
+    nf4_response = response_logits(config, policy["batch_size"], reply_sequence, policy["max_new_tokens"],
+                                   True)
+    fp16_response = response_logits(config, policy["batch_size"], reply_sequence,
+                                    policy["max_new_tokens"], False)
     phases.append(Phase("10", "DPO vs PPO", (("NF4 DPO policy", nf4), ("fp16 reward model", rm),
                                              ("fp16 PPO model", fp16), ("fp16 SFT reference", fp16)),
-                        working=response_logits, seconds=policy_eval))
+                        working=nf4_response, seconds=policy_eval))
 
     # lesson 11: four models measured one at a time against the SFT reference and the judge
     benchmark = evaluation.benchmark
@@ -315,7 +342,7 @@ def course_phases(config=None) -> list[Phase]:
     phases.append(Phase("11", "base, SFT, PPO and DPO measured in turn",
                         (("fp16 model under test", fp16), ("fp16 reward model", rm),
                          ("fp16 SFT reference", fp16)),
-                        working=response_logits,
+                        working=fp16_response,
                         seconds=4 * (mc_seconds + policy_eval
                                      + forward_seconds(60 * chat["max_length"]))))
     phases.append(Phase("11", "best-of-n pool from the SFT reference",
@@ -383,15 +410,20 @@ def budget_table(phases=None) -> str:
 
 # --- the phases traced at full scale (course_utils.course.gpu_trace) -----------------------------
 
-def _meta_trainable(config, recipe, *, nf4: bool, head: str = "causal"):
+def _meta_trainable(config, recipe, *, nf4: bool, head: str = "causal", fused: bool = False):
     """The model a phase trains, on the meta device, prepared as the lesson prepares it: NF4 weights
     through ``prepare_model_for_kbit_training`` (norms, embeddings and LM head to fp32), or 16-bit
     weights; the recipe's LoRA adapter (``modules_to_save`` too) with every trainable weight in
-    fp32, as the fp16 gradient scaler needs (``models.trainable_in_fp32``)."""
+    fp32, as the fp16 gradient scaler needs (``models.trainable_in_fp32``). ``fused``: with trl's
+    fused LM head (``add_fused_lm_head``), as trl 1.16's SFT, DPO and GRPO trainers add it: their
+    losses never hold the batch's logits, only tiles of them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from trl.trainer.utils import add_fused_lm_head
 
     checkpointing = recipe.training.get("activation_checkpointing", False)
     model = gpu_trace.meta_model(config, head, nf4=nf4)
+    if fused:
+        add_fused_lm_head(model)
     if nf4:
         with warnings.catch_warnings():  # peft 0.21 still calls transformers' old checkpointing names
             warnings.simplefilter("ignore", FutureWarning)
@@ -419,8 +451,10 @@ def _meta_frozen(config, kind: str):
     from peft import prepare_model_for_kbit_training
 
     if kind == "nf4":
-        return prepare_model_for_kbit_training(gpu_trace.meta_model(config, nf4=True),
-                                               use_gradient_checkpointing=False)
+        with warnings.catch_warnings():  # peft 0.21 still asks transformers' old checkpointing names
+            warnings.simplefilter("ignore", FutureWarning)
+            return prepare_model_for_kbit_training(gpu_trace.meta_model(config, nf4=True),
+                                                   use_gradient_checkpointing=False)
     return gpu_trace.meta_model(config, "reward" if kind == "reward" else "causal")
 
 
@@ -432,7 +466,7 @@ def _initialise_optimizer(model, extra=()):
     """AdamW over the trainable weights, its states created (a step on zero gradients) so that the
     traced step holds them, as every step after the first does."""
     parameters = [p for p in model.parameters() if p.requires_grad] + list(extra)
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    optimizer = torch.optim.AdamW(parameters)  # its states, not its rate, are what a trace needs
     for parameter in parameters:
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
@@ -443,7 +477,12 @@ def _initialise_optimizer(model, extra=()):
 def _trace(resident_meta: list, build_step, trained=None, extra_trainable=(), device=None) -> dict:
     """Materialize the models (fake tensors, or random ones on ``device``), build the step, and
     measure its peak."""
-    context = gpu_trace.fake_tensors() if device is None else contextlib.nullcontext()
+    if device is None:
+        context = gpu_trace.fake_tensors()
+    elif torch.device(device).type == "cpu":  # the GPU check's code on a CPU: its kernels' memory
+        context = gpu_trace.kernels_as_on_cuda()
+    else:
+        context = contextlib.nullcontext()
     with context:
         models = [gpu_trace.materialize(m, device=device) for m in resident_meta]
         extra = [gpu_trace.materialize(m, device=device) for m in extra_trainable]
@@ -463,16 +502,27 @@ def _device_of(models):
     return device, device.type
 
 
-def _causal_lm_training(config, rows, length, autocast=True):
+def _micro_batches(recipe) -> int:
+    """Forward and backward passes a traced step runs before the optimizer's: two under gradient
+    accumulation, since the Trainer zeroes gradients only after the optimizer step, so from the
+    second micro-batch on the earlier gradients are alive during forward and backward; else one."""
+    return 2 if recipe.training.get("gradient_accumulation_steps", 1) > 1 else 1
+
+
+def _fused_lm_training(config, rows, length, recipe):
+    """trl 1.16's ``SFTTrainer`` step: per-token log-probabilities through the fused LM head
+    (``model(..., labels=..., fused_lm_head=True)``), the loss their negative mean."""
     def build(models, _, optimizer):
         model = models[0]
-        device, kind = _device_of(models)
+        device, device_type = _device_of(models)
         ids = _ids(config, rows, length, device)
 
         def step():
-            with torch.autocast(kind, dtype=torch.float16, enabled=autocast):
-                loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-            loss.backward()
+            for _ in range(_micro_batches(recipe)):
+                with torch.autocast(device_type, dtype=torch.float16):
+                    output = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
+                                   fused_lm_head=True)
+                (-output.log_probs.sum() / output.label_mask.sum()).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
@@ -487,24 +537,22 @@ def _scoring(config, rows, length, kind, which=0, reward_index=None, prompt_leng
     its key/value cache and the last position's logits, then the reward model on the whole row)."""
     def build(models, _, __):
         model = models[which]
-        device, device_type = _device_of(models)
+        device, _ = _device_of(models)
         ids = _ids(config, rows, length, device)
         mask = torch.ones_like(ids)
 
         @torch.no_grad()
-        def step():
-            with torch.autocast(device_type, dtype=torch.float16):
-                if kind == "sequence":
-                    dpo.sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
-                elif kind == "response":
-                    response_logprobs(model, ids, mask, prompt_length)
-                else:
-                    prompt = ids[:, :prompt_length]
-                    cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
-                    if reward_index is not None:
-                        gpu_trace.next_forward()
-                        models[reward_index](input_ids=ids)
-                    del cache
+        def step():  # as the lessons score: outside any trainer, so without autocast
+            if kind == "sequence":
+                dpo.sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+            elif kind == "response":
+                response_logprobs(model, ids, mask, prompt_length)
+            else:
+                prompt = ids[:, :prompt_length]
+                cache = model(input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
+                if reward_index is not None:
+                    models[reward_index](input_ids=ids)
+                del cache
         return step
     return build
 
@@ -529,7 +577,7 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
     bon = ppo_recipe.best_of_n
 
     def sft_model():
-        return _meta_trainable(config, sft, nf4=True)
+        return _meta_trainable(config, sft, nf4=True, fused=True)
 
     def ppo_step(models, extra, optimizer):
         policy_model, value_head = models[-1], extra[0]
@@ -552,20 +600,23 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
 
     def dpo_step(models, _, optimizer):
         policy_model = models[-1]
-        device, kind = _device_of(models)
+        device, device_type = _device_of(models)
         rows = 2 * dpo_recipe.training["per_device_train_batch_size"]
         ids = _ids(config, rows, min(pair_tokens, dpo_recipe.training["max_length"]), device)
-        mask = torch.ones_like(ids)
 
-        def step():  # trl's DPO step: the reference (adapter off) without gradients, then the policy
-            with torch.autocast(kind, dtype=torch.float16):
-                with torch.no_grad(), policy_model.disable_adapter():
-                    reference = dpo.sequence_logprobs(policy_model(input_ids=ids).logits, ids, mask)
-                gpu_trace.next_forward()
-                logps = dpo.sequence_logprobs(policy_model(input_ids=ids).logits, ids, mask)
-            chosen, rejected = logps.chunk(2)
-            ref_chosen, ref_rejected = reference.chunk(2)
-            dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean().backward()
+        def summed(model):
+            output = model(input_ids=ids, labels=ids, fused_lm_head=True)
+            return output.log_probs.sum(dim=1)
+
+        def step():  # trl's DPO step: the policy with gradients, then the reference (adapter off)
+            for _ in range(_micro_batches(dpo_recipe)):  # without, the policy's graph still alive
+                with torch.autocast(device_type, dtype=torch.float16):
+                    logps = summed(policy_model)
+                    with torch.no_grad(), policy_model.disable_adapter():
+                        reference = summed(policy_model)
+                chosen, rejected = logps.chunk(2)
+                ref_chosen, ref_rejected = reference.chunk(2)
+                dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
@@ -577,29 +628,30 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
         ids = _ids(config, rows, min(pair_tokens, reward.training["max_length"]), device)
 
         def step():
-            with torch.autocast(kind, dtype=torch.float16):
-                scores = model(input_ids=ids).logits.squeeze(-1)
-            chosen, rejected = scores.float().chunk(2)
-            (-torch.nn.functional.logsigmoid(chosen - rejected)).mean().backward()
+            for _ in range(_micro_batches(reward)):
+                with torch.autocast(kind, dtype=torch.float16):
+                    scores = model(input_ids=ids).logits.squeeze(-1)
+                chosen, rejected = scores.float().chunk(2)
+                (-torch.nn.functional.logsigmoid(chosen - rejected)).mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
 
     def grpo_step(models, _, optimizer):
         policy_model = models[-1]
-        device, kind = _device_of(models)
+        device, device_type = _device_of(models)
         g = grpo.training
         ids = _ids(config, g["per_device_train_batch_size"],
                    p["max_prompt_length"] + g["max_completion_length"], device)
-        mask = torch.ones_like(ids)
-        start = p["max_prompt_length"]
+        labels = ids.clone()
+        labels[:, :p["max_prompt_length"]] = -100  # the prompt is not scored
 
-        def step():  # trl's GRPO loss: per-token log-probabilities, the reference's with the adapter off
-            with torch.autocast(kind, dtype=torch.float16):
+        def step():  # trl's GRPO step: the reference's log-probabilities (adapter off) when the
+            # replies are scored, then the policy's through the fused head, with a per-token KL
+            with torch.autocast(device_type, dtype=torch.float16):
                 with torch.no_grad(), policy_model.disable_adapter():
-                    reference, _ = response_logprobs(policy_model, ids, mask, start)
-                gpu_trace.next_forward()
-                logps, _ = response_logprobs(policy_model, ids, mask, start)
+                    reference = policy_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+                logps = policy_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
             kl = torch.exp(reference - logps) - (reference - logps) - 1
             (-(logps * 1.0) + g["beta"] * kl).mean().backward()
             optimizer.step()
@@ -611,14 +663,14 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
         return _trace(*args, device=device, **kwargs)
 
     tracers = [
-        lambda: trace([sft_model()], _causal_lm_training(config, t["per_device_train_batch_size"],
-                                                          t["max_length"]), trained=0),
+        lambda: trace([sft_model()], _fused_lm_training(config, t["per_device_train_batch_size"],
+                                                         t["max_length"], sft), trained=0),
         lambda: trace([sft_model(), _meta_trainable(config, sft, nf4=True)],
-                       _causal_lm_training(config, t["per_device_train_batch_size"], t["max_length"]),
-                       trained=0),
+                      _fused_lm_training(config, t["per_device_train_batch_size"], t["max_length"], sft),
+                      trained=0),
         lambda: trace([_meta_frozen(config, "nf4"), _meta_frozen(config, "nf4"),
                         *(_meta_frozen(config, "fp16") for _ in range(3))],
-                       _scoring(config, chat["batch_size"], chat["max_length"], "sequence")),
+                      _scoring(config, chat["batch_size"], chat["max_length"], "sequence", which=2)),
         lambda: trace([_meta_trainable(config, reward, nf4=False, head="reward")], reward_step,
                        trained=0),
         lambda: trace([_meta_frozen(config, "reward"),
@@ -631,15 +683,15 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
                        _scoring(config, bon["batch_size"], reply_sequence, "generate",
                                 reward_index=1, prompt_length=policy["max_prompt_length"])),
         lambda: trace([_meta_frozen(config, "reward"), _meta_frozen(config, "fp16"),
-                        _meta_trainable(config, grpo, nf4=False)], grpo_step, trained=2),
-        lambda: trace([_meta_frozen(config, "reward"), _meta_trainable(config, dpo_recipe, nf4=True)],
-                       dpo_step, trained=1),
+                        _meta_trainable(config, grpo, nf4=False, fused=True)], grpo_step, trained=2),
+        lambda: trace([_meta_frozen(config, "reward"),
+                       _meta_trainable(config, dpo_recipe, nf4=True, fused=True)], dpo_step, trained=1),
         lambda: trace([_meta_frozen(config, "reward"), _meta_frozen(config, "nf4"),
                         _meta_frozen(config, "nf4")],
                        _scoring(config, 2 * scoring["dpo_pairs_batch_size"],
                                 dpo_recipe.training["max_length"], "sequence", which=2)),
         lambda: trace([_meta_frozen(config, "reward"), _meta_frozen(config, "nf4"),
-                        _meta_trainable(config, dpo_recipe, nf4=True)], dpo_step, trained=2),
+                        _meta_trainable(config, dpo_recipe, nf4=True, fused=True)], dpo_step, trained=2),
         lambda: trace([_meta_frozen(config, "nf4"), _meta_frozen(config, "reward"),
                         _meta_frozen(config, "fp16"), _meta_frozen(config, "fp16")],
                        _scoring(config, policy["batch_size"], reply_sequence, "response",

@@ -85,14 +85,22 @@ def make_dpo_trainer(model, tokenizer, train_dataset, args, peft_config=None, ev
 
 
 @torch.no_grad()
-def pair_logprobs(model, trainer, split: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probabilities of every pair's chosen and rejected reply under
-    ``model``, for the ``trainer``'s (a ``DPOTrainer``) ``"train"`` or ``"eval"`` data set,
-    tokenized and collated exactly as the trainer does, ``batch_size`` pairs per forward pass (the
-    evaluation recipe's ``scoring.dpo_pairs_batch_size``)."""
+def _prepared_rows(trainer, split: str, max_pairs: int) -> list[dict]:
     prepared = trainer.train_dataset if split == "train" else trainer.eval_dataset
+    if max_pairs:
+        prepared = prepared.select(range(min(max_pairs, len(prepared))))
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    rows = [{c: row[c] for c in columns} for row in prepared]
+    return [{c: row[c] for c in columns} for row in prepared]
+
+
+def pair_logprobs(model, trainer, split: str, batch_size: int,
+                  max_pairs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probabilities of every pair's chosen and rejected reply under
+    ``model``, for the ``trainer``'s (a ``DPOTrainer``) ``"train"`` or ``"eval"`` data set (its
+    first ``max_pairs`` pairs; 0: all), tokenized and collated exactly as the trainer does,
+    ``batch_size`` pairs per forward pass (the evaluation recipe's
+    ``scoring.dpo_pairs_batch_size``)."""
+    rows = _prepared_rows(trainer, split, max_pairs)
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
@@ -107,13 +115,13 @@ def pair_logprobs(model, trainer, split: str, batch_size: int) -> tuple[torch.Te
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def pair_completion_tokens(trainer, split: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_completion_tokens(trainer, split: str, batch_size: int,
+                           max_pairs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """How many reply tokens of every pair's chosen and rejected reply ``sequence_logprobs`` sums
-    over, for the ``trainer``'s ``"train"`` or ``"eval"`` data set, collated as the trainer does:
-    what trl's IPO loss divides each summed log-ratio by (its per-token average)."""
-    prepared = trainer.train_dataset if split == "train" else trainer.eval_dataset
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    rows = [{c: row[c] for c in columns} for row in prepared]
+    over, for the ``trainer``'s ``"train"`` or ``"eval"`` data set (its first ``max_pairs``; 0:
+    all), collated as the trainer does: what trl's IPO loss divides each summed log-ratio by (its
+    per-token average)."""
+    rows = _prepared_rows(trainer, split, max_pairs)
     chosen, rejected = [], []
     for begin in range(0, len(rows), batch_size):
         counts = trainer.data_collator(rows[begin:begin + batch_size])["completion_mask"][:, 1:].sum(dim=1)

@@ -25,6 +25,7 @@ from course_utils import memory, probes
 from course_utils.course import world
 from course_utils.course.chat import assistant_only_labels, padding_side
 from course_utils.course.models import (
+    autocast_like,
     check_4bit_support,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -427,7 +428,11 @@ def scale_rows(profile, names, chats, recipe=None) -> list[dict]:
             if profile.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            model(**batch).loss.backward()
+            # mixed precision as a trainer runs it: fp16 weights, the new modules (Houlsby's
+            # adapters, prompts) in fp32; without autocast they meet and the matmul refuses
+            with autocast_like(base):
+                loss = model(**batch).loss
+            loss.backward()
             if profile.device == "cuda":
                 torch.cuda.synchronize()
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -142,9 +142,9 @@ def test_the_gpu_scripts_phase_runner_runs_every_kind_of_step_on_real_tensors():
     """``scripts/t4_check.py`` runs the budget's phases on a GPU on real tensors
     (``trace_phases(device="cuda")``). No GPU here: the same code on real CPU tensors, at a small
     width, for a training step on 16-bit weights with dropout, a QLoRA DPO step on 4-bit weights,
-    and generation's prefill with the reward model after it. Real kernels keep somewhat different
-    tensors from the fake trace (the CPU's dropout keeps its mask in fp32, its attention and 4-bit
-    matmul are its own), hence the loose agreement asked for."""
+    and generation's prefill with the reward model after it (dropout and trl's fused LM head with
+    CUDA's memory behaviour, as in the trace). The CPU's own attention and 4-bit matmul kernels keep
+    somewhat different tensors from the fake trace, hence the loose agreement asked for."""
     config = tinyllama_config()
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 256, 512
     config.vocab_size, config.head_dim = 1024, 8

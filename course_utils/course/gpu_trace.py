@@ -17,7 +17,10 @@ What a trace is and is not, on this torch (CPU build):
 - it counts tensors, not the CUDA context or the caching allocator's slack
   (``course_utils.budget.CUDA_CONTEXT_GB`` adds them);
 - dropout runs as CUDA's fused kernel (a one-byte mask), not the CPU's (a mask in the input's
-  dtype);
+  dtype), and trl's fused LM head as its Triton kernels (no fp32 copies of a logits tile), not as
+  its CPU fallback. One step of that head cannot run under fake tensors: on a GPU it first picks
+  the positions that are scored (``hidden_states[mask]``, a shape that depends on the data), so
+  the trace scores every position, as trl does off a GPU: a little more than a T4 holds;
 - the trainers' loops (data loading, logging, trl's collators) do not run under fake tensors: a
   phase traces the step those loops call, with the recipe's batch and lengths.
 """
@@ -39,16 +42,50 @@ class _NoHook:
 
 @contextmanager
 def fake_tensors():
-    """``FakeTensorMode``, with dropout run as CUDA runs it (``_dropout_as_on_cuda``)."""
+    """``FakeTensorMode``, with dropout and trl's fused LM head run as on CUDA
+    (``kernels_as_on_cuda``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    with kernels_as_on_cuda(), FakeTensorMode(allow_non_fake_inputs=True):
+        yield
+
+
+@contextmanager
+def kernels_as_on_cuda():
+    """Dropout and trl's fused LM head with CUDA's memory behaviour on a CPU (fake tensors, or the
+    CPU run of the GPU check's phases): ``_dropout_as_on_cuda`` and the stand-ins below."""
+    from trl.kernels import chunked_logprob
+
     dropout = torch.nn.functional.dropout
+    kernels = {name: getattr(chunked_logprob, name)
+               for name in ("_forward_tile", "_backward_tile", "_addmm_fp32")}
     torch.nn.functional.dropout = _dropout_as_on_cuda
+    chunked_logprob._forward_tile = _fused_forward_as_on_cuda
+    chunked_logprob._backward_tile = _fused_backward_as_on_cuda
+    chunked_logprob._addmm_fp32 = _addmm_as_on_cuda
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            yield
+        yield
     finally:
         torch.nn.functional.dropout = dropout
+        for name, kernel in kernels.items():
+            setattr(chunked_logprob, name, kernel)
+
+
+# trl's fused LM head (``trl.kernels.chunked_logprob``) folds each [4,096 tokens x 32,768 entries]
+# tile of logits into per-token sums with Triton kernels on a GPU, which write only those sums (and,
+# in backward, the tile's gradient into the tile); their torch fallback for CPUs holds several fp32
+# copies of the tile. Under fake tensors these stand-ins touch memory as the kernels do.
+
+def _fused_forward_as_on_cuda(tile, tile_stride, targets, running_max, sum_exp, *args, **kwargs):
+    sum_exp.add_(tile.amax(-1))
+
+
+def _fused_backward_as_on_cuda(tile, *args, **kwargs):
+    tile.mul_(1)
+
+
+def _addmm_as_on_cuda(acc, a, b):
+    acc.add_(torch.mm(a, b))  # CUDA: addmm(..., out_dtype=torch.float32, out=acc), no copy at all
 
 
 @contextmanager
@@ -145,7 +182,8 @@ def _tensor(shape, dtype, device):
 def materialize(model, compute_dtype: torch.dtype = torch.float16, device=None):
     """Give every parameter and buffer of a meta-device ``model`` a tensor of its shape and dtype (a
     4-bit layer's weight as bitsandbytes stores it): fake tensors inside ``fake_tensors()``, or
-    random ones on ``device``."""
+    random ones on ``device`` (buffers such as RoPE's frequencies zero: what is measured is memory
+    and time, not what the model says)."""
     for module in model.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is None:
@@ -160,11 +198,6 @@ def materialize(model, compute_dtype: torch.dtype = torch.float16, device=None):
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.device.type == "meta":
                 module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
-    if device is not None:  # RoPE's inverse frequencies: recomputed, as from_pretrained does
-        for module in model.modules():
-            if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
-                inv_freq, _ = module.rope_init_fn(module.config, device)
-                module.inv_freq, module.original_inv_freq = inv_freq, inv_freq
     return model
 
 
@@ -185,14 +218,6 @@ def device_peak_bytes(resident, step, optimizer=None) -> dict:
     return {"total": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
 
 
-def next_forward() -> None:
-    """Call between two forward passes of one model in a traced step (a reference pass with the
-    adapter off, then the policy's): ``MemTracker`` keeps per-module statistics for one call of
-    each module; the peak it records over the whole step is kept."""
-    if _active:
-        _active[-1].reset_mod_stats()
-
-
 def peak_bytes(resident, step, optimizer=None) -> dict:
     """Run ``step()`` under ``MemTracker`` with the models in ``resident`` (and ``optimizer``'s
     states) tracked; return the peak bytes: ``total`` and its parts (``parameters``, ``gradients``,
@@ -202,6 +227,16 @@ def peak_bytes(resident, step, optimizer=None) -> dict:
     class PeakOnly(MemTracker):
         """The whole step's peak only: MemTracker also keeps every module's own peak, walking all of
         them at every op, which makes a 22-layer step quadratic in its length."""
+
+        def _pre_fw_hook(self, module, inputs) -> None:
+            # a module called again in one step (the reference pass with the adapter off, a second
+            # micro-batch): MemTracker refuses repeated calls; per-module statistics are not kept
+            # here, so its statistics start afresh
+            try:
+                super()._pre_fw_hook(module, inputs)
+            except NotImplementedError:
+                self.memory_tracking.pop(module, None)
+                super()._pre_fw_hook(module, inputs)
 
         def _update_peak_stats(self, peak_state) -> None:
             for device, snapshot in self._curr_mem_snap.items():
