@@ -427,15 +427,13 @@ def _meta_trainable(config, recipe, *, nf4: bool, head: str = "causal", fused: b
     if nf4:
         with warnings.catch_warnings():  # peft 0.21 still calls transformers' old checkpointing names
             warnings.simplefilter("ignore", FutureWarning)
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     elif checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     task = "CAUSAL_LM" if head == "causal" else "SEQ_CLS"
-    with warnings.catch_warnings():  # as above: peft asks is_gradient_checkpointing
+    with warnings.catch_warnings():  # as above: peft reads the old name of the flag
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(model, LoraConfig(**recipe.lora, task_type=task))
     for parameter in model.parameters():
@@ -509,6 +507,15 @@ def _micro_batches(recipe) -> int:
     return 2 if recipe.training.get("gradient_accumulation_steps", 1) > 1 else 1
 
 
+def _update(optimizer, micro_batches: int, loss) -> None:
+    """``micro_batches`` forward and backward passes of ``loss()``, then the optimizer's step, as a
+    trainer's step under gradient accumulation runs them."""
+    for _ in range(micro_batches):
+        loss().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _fused_lm_training(config, rows, length, recipe):
     """trl 1.16's ``SFTTrainer`` step: per-token log-probabilities through the fused LM head
     (``model(..., labels=..., fused_lm_head=True)``), the loss their negative mean."""
@@ -517,15 +524,13 @@ def _fused_lm_training(config, rows, length, recipe):
         device, device_type = _device_of(models)
         ids = _ids(config, rows, length, device)
 
-        def step():
-            for _ in range(_micro_batches(recipe)):
-                with torch.autocast(device_type, dtype=torch.float16):
-                    output = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
-                                   fused_lm_head=True)
-                (-output.log_probs.sum() / output.label_mask.sum()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+        def loss():
+            with torch.autocast(device_type, dtype=torch.float16):
+                output = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
+                               fused_lm_head=True)
+            return -output.log_probs.sum() / output.label_mask.sum()
+
+        return lambda: _update(optimizer, _micro_batches(recipe), loss)
     return build
 
 
@@ -587,16 +592,15 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
         start = p["max_prompt_length"]
         response = torch.ones(p["minibatch_size"], sequence - start, device=device)
 
-        def step():  # ppo.ppo_step's minibatch update: the course loop runs no autocast
+        def loss():  # ppo.ppo_step's minibatch update: the course loop runs no autocast
             logprobs, values = response_logprobs(policy_model, ids, mask, start, value_head)
             policy_loss, _ = ppo.ppo_policy_loss(logprobs, logprobs.detach(), response, p["clip_eps"],
                                                  response)
             value_loss = ppo.ppo_value_loss(values, values.detach(), response, p["value_clip_eps"],
                                             response)
-            (policy_loss + p["value_coef"] * value_loss).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+            return policy_loss + p["value_coef"] * value_loss
+
+        return lambda: _update(optimizer, 1, loss)
 
     def dpo_step(models, _, optimizer):
         policy_model = models[-1]
@@ -608,18 +612,16 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
             output = model(input_ids=ids, labels=ids, fused_lm_head=True)
             return output.log_probs.sum(dim=1)
 
-        def step():  # trl's DPO step: the policy with gradients, then the reference (adapter off)
-            for _ in range(_micro_batches(dpo_recipe)):  # without, the policy's graph still alive
-                with torch.autocast(device_type, dtype=torch.float16):
-                    logps = summed(policy_model)
-                    with torch.no_grad(), policy_model.disable_adapter():
-                        reference = summed(policy_model)
-                chosen, rejected = logps.chunk(2)
-                ref_chosen, ref_rejected = reference.chunk(2)
-                dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+        def loss():  # trl's DPO step: the policy with gradients, then the reference (adapter off)
+            with torch.autocast(device_type, dtype=torch.float16):  # without, the policy's graph alive
+                logps = summed(policy_model)
+                with torch.no_grad(), policy_model.disable_adapter():
+                    reference = summed(policy_model)
+            chosen, rejected = logps.chunk(2)
+            ref_chosen, ref_rejected = reference.chunk(2)
+            return dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1)[0].mean()
+
+        return lambda: _update(optimizer, _micro_batches(dpo_recipe), loss)
 
     def reward_step(models, _, optimizer):
         model = models[0]
@@ -627,15 +629,13 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
         rows = 2 * reward.training["per_device_train_batch_size"]
         ids = _ids(config, rows, min(pair_tokens, reward.training["max_length"]), device)
 
-        def step():
-            for _ in range(_micro_batches(reward)):
-                with torch.autocast(kind, dtype=torch.float16):
-                    scores = model(input_ids=ids).logits.squeeze(-1)
-                chosen, rejected = scores.float().chunk(2)
-                (-torch.nn.functional.logsigmoid(chosen - rejected)).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+        def loss():
+            with torch.autocast(kind, dtype=torch.float16):
+                scores = model(input_ids=ids).logits.squeeze(-1)
+            chosen, rejected = scores.float().chunk(2)
+            return (-torch.nn.functional.logsigmoid(chosen - rejected)).mean()
+
+        return lambda: _update(optimizer, _micro_batches(reward), loss)
 
     def grpo_step(models, _, optimizer):
         policy_model = models[-1]
@@ -646,17 +646,16 @@ def trace_phases(config=None, only: set | None = None, device=None) -> list[tupl
         labels = ids.clone()
         labels[:, :p["max_prompt_length"]] = -100  # the prompt is not scored
 
-        def step():  # trl's GRPO step: the reference's log-probabilities (adapter off) when the
+        def loss():  # trl's GRPO step: the reference's log-probabilities (adapter off) when the
             # replies are scored, then the policy's through the fused head, with a per-token KL
             with torch.autocast(device_type, dtype=torch.float16):
                 with torch.no_grad(), policy_model.disable_adapter():
                     reference = policy_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
                 logps = policy_model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
             kl = torch.exp(reference - logps) - (reference - logps) - 1
-            (-(logps * 1.0) + g["beta"] * kl).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
+            return (-(logps * 1.0) + g["beta"] * kl).mean()
+
+        return lambda: _update(optimizer, _micro_batches(grpo), loss)
 
     chat = evaluation.chat
     def trace(*args, **kwargs):
