@@ -428,7 +428,7 @@ def _meta_trainable(config, recipe, *, nf4: bool, head: str = "causal", fused: b
         with warnings.catch_warnings():  # peft 0.21 still calls transformers' old checkpointing names
             warnings.simplefilter("ignore", FutureWarning)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    elif checkpointing:
+    if checkpointing:  # as the trainers set it (the recipes' activation_checkpointing_kwargs)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
