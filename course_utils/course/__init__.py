@@ -13,6 +13,7 @@
 - ``models``: load a profile's model and tokenizer, optionally in 4-bit NF4.
 - ``chat``: TinyLlama's chat template, rendering, and assistant-only label masks.
 - ``reporting``: each notebook's ``metrics.json``, its checked claims, and the summary table.
+- ``predict``: predict-then-run moments, a learner's guess compared with what the lesson measured.
 - ``gpu_trace``: GPU memory of a step traced at full scale under fake tensors (for
   ``course_utils.budget`` and its ``--trace``).
 
