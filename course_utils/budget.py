@@ -84,8 +84,7 @@ def model_bytes(kind: str, config=None) -> float:
     ``fp16``, or ``reward`` (16 bits, the LM head replaced by a scalar head)."""
     config = config or _config()
     n = memory.count_parameters(config)
-    linear = config.num_hidden_layers * sum(
-        a * b for a, b in memory.linear_shapes(config).values())
+    linear = memory.linear_layer_parameters(config)
     if kind in ("nf4", "nf4_prepared"):
         return linear * memory.nf4_bits_per_parameter() / 8 + (n - linear) * (2 if kind == "nf4" else 4)
     if kind == "fp16":

@@ -55,6 +55,15 @@ def count_parameters(config) -> int:
     return embeddings + config.num_hidden_layers * per_layer + config.hidden_size + head
 
 
+def linear_layer_parameters(config) -> int:
+    """Weights of the decoder layers' linear projections (biases excluded): the only weights that
+    ``BitsAndBytesConfig(load_in_4bit=True)`` stores in 4 bits. The embeddings, the LM head and the
+    norms stay in 16 bits, so a 4-bit model's bytes are not ``count_parameters`` x 4 bits
+    (``budget.model_bytes("nf4")`` counts both parts; ``tests/test_four_bit_bytes.py`` checks
+    it against the tensors bitsandbytes stores)."""
+    return config.num_hidden_layers * sum(n_in * n_out for n_in, n_out in linear_shapes(config).values())
+
+
 def lora_parameters(config, r: int, target_modules) -> int:
     """Trainable parameters of LoRA with rank ``r`` on ``target_modules`` in every layer.
 

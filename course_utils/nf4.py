@@ -14,7 +14,8 @@ bitsandbytes, byte for byte:
   ``bitsandbytes.functional.quantize_4bit(x, quant_type="nf4")``;
 - ``create_dynamic_map`` / ``double_quantize`` / ``double_dequantize``: QLoRA's double
   quantization of the per-block constants (8-bit dynamic code, blocks of 256, mean offset);
-- ``storage_bits_per_parameter``: bits per weight counted from the stored tensors.
+- ``storage_bits_per_parameter``: bits per weight counted from the stored tensors;
+- ``level_usage`` / ``bits_of_information``: how evenly a 4-bit code's levels are used.
 """
 
 from __future__ import annotations
@@ -460,3 +461,17 @@ def codebook_roundtrip(weight: torch.Tensor, code: torch.Tensor, blocksize: int 
     indices, absmax = quantize_blockwise_codebook(weight, code, blocksize)
     return dequantize_blockwise_codebook(indices, absmax, code, blocksize).to(
         weight.dtype).reshape(weight.shape)
+
+
+def level_usage(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Share of the values of ``x`` that blockwise absmax quantization onto the sorted ``code``
+    stores at each of its levels: a float tensor of ``len(code)`` shares adding up to 1."""
+    indices, _ = quantize_blockwise_codebook(x, code, blocksize)
+    return torch.bincount(indices.long(), minlength=len(code)).float() / x.numel()
+
+
+def bits_of_information(usage: torch.Tensor) -> float:
+    """What one stored code tells on average, in bits: the entropy of the levels' ``usage``
+    shares. ``log2(len(usage))`` (4 bits for 16 levels) only when every level is used equally."""
+    used = usage[usage > 0].double()
+    return float(-(used * used.log2()).sum())

@@ -350,7 +350,7 @@ def test_dequantize_nf4_is_the_definition_on_shapes_whose_rows_are_not_whole_blo
 def test_the_pinned_native_cpu_kernel_is_wrong_exactly_where_lesson_06_says():
     """bitsandbytes 0.50.2's native CPU dequantize_4bit: wrong for a 2-D tensor of more than one row
     and one block whose rows are a multiple of 16 values long but not of the block size. If an
-    upgrade fixes it, this fails: rewrite lesson 06's section."""
+    upgrade fixes it, this fails: rewrite lesson 06's optional section B."""
     generator = torch.Generator().manual_seed(5)
     shapes = [(r, c, b) for r in (1, 2, 3, 8) for c in (16, 32, 40, 48, 64, 96, 100, 128) for b in (64, 128)]
     for rows, columns, blocksize in shapes:
@@ -360,3 +360,37 @@ def test_the_pinned_native_cpu_kernel_is_wrong_exactly_where_lesson_06_says():
         wrong = not torch.equal(native, dequantize_by_definition(packed, state.absmax, x.shape, blocksize))
         expected = rows > 1 and rows * columns > blocksize and columns % blocksize != 0 and columns % 16 == 0
         assert wrong == expected, (rows, columns, blocksize)
+
+
+# --- how evenly a code's levels are used (lesson 06, section 6) ---------------------------------
+
+def test_level_usage_adds_up_and_counts_every_level():
+    x = torch.randn(64 * 512, generator=torch.Generator().manual_seed(11))
+    for code in (nf4.NF4_CODE, nf4.INT4_CODE):
+        usage = nf4.level_usage(x, code)
+        assert usage.shape == (len(code),)
+        assert usage.sum().item() == pytest.approx(1.0)
+        indices, _ = nf4.quantize_blockwise_codebook(x, code, 64)
+        assert usage[3].item() == pytest.approx((indices == 3).float().mean().item())
+
+
+def test_bits_of_information_is_the_entropy():
+    assert nf4.bits_of_information(torch.full((16,), 1 / 16)) == pytest.approx(4.0)
+    assert nf4.bits_of_information(torch.tensor([0.5, 0.5, 0.0])) == pytest.approx(1.0)
+    assert nf4.bits_of_information(torch.tensor([1.0, 0.0])) == 0.0
+
+
+def test_nf4_uses_its_levels_more_evenly_than_int4_on_normal_weights_but_not_equally():
+    # what lesson 06 says under its level-usage figure
+    x = torch.randn(64 * 4096, generator=torch.Generator().manual_seed(12)) * 0.02
+    fp4 = bnbf.get_4bit_type("fp4", device="cpu").sort().values
+    usage = {name: nf4.level_usage(x, code) for name, code in
+             [("NF4", nf4.NF4_CODE), ("INT4", nf4.INT4_CODE), ("FP4", fp4)]}
+    bits = {name: nf4.bits_of_information(u) for name, u in usage.items()}
+    assert bits["NF4"] > bits["FP4"] > bits["INT4"]
+    assert usage["NF4"].max() / usage["NF4"].min() > 3  # the inner levels fill up, the ends do not
+    assert usage["INT4"].max() / usage["INT4"].min() > 2 * usage["NF4"].max() / usage["NF4"].min()
+    assert usage["FP4"][7] < 0.01 and usage["FP4"][8] < 0.01  # +0 and -0: nearly empty
+    # the end levels, one of which every block's absmax takes, hold the fewest values
+    assert set(usage["NF4"].argsort()[:2].tolist()) == {0, 15}
+    assert usage["NF4"][0] + usage["NF4"][-1] >= 1 / 64
