@@ -10,6 +10,9 @@ its identity-at-initialisation and its parameter-count formula.
   Activations).
 - ``BottleneckAdapter`` and ``add_houlsby_adapters``: Houlsby et al. 2019, "Parameter-Efficient
   Transfer Learning for NLP".
+- ``prefix_tuning_parameters``: Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for
+  Generation"; the size of peft's ``PrefixEncoder``, with and without its MLP (lesson 03; tested
+  against peft's own count).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update: ``y = W x + (B A x) * scaling``.
 
     ``A`` is ``r x in`` (Kaiming-uniform, as peft), ``B`` is ``out x r`` and starts at zero, so the
-    wrapped layer starts out exactly equal to the base layer. ``scaling = alpha / r`` (or
-    ``alpha / sqrt(r)`` with ``use_rslora``, Kalajdzievski 2023), which keeps the effective learning
-    rate comparable across ranks. Dropout applies to the input of the low-rank path only.
+    wrapped layer starts out exactly equal to the base layer. ``scaling = alpha / r``, the LoRA
+    paper's choice: with ``alpha`` fixed, the update's scale shrinks as ``r`` grows, so large ranks
+    learn slowly. ``use_rslora`` scales by ``alpha / sqrt(r)`` instead, which keeps the update's
+    scale stable across ranks (Kalajdzievski 2023, rsLoRA). Dropout applies to the input of the
+    low-rank path only.
     ``merge()`` folds ``B A * scaling`` into ``W`` (no extra latency at inference);
     ``unmerge()`` takes it out again.
     """
@@ -149,3 +154,22 @@ def add_houlsby_adapters(model, bottleneck: int = 16) -> list[BottleneckAdapter]
         layer.mlp = _AdaptedSublayer(layer.mlp, mlp_adapter)
         adapters += [attention_adapter, mlp_adapter]
     return adapters
+
+
+def prefix_tuning_parameters(n_virtual: int, kv_width: int, layers: int,
+                             encoder_hidden: int | None = None) -> int:
+    """Trainable parameters of prefix tuning as peft's ``PrefixEncoder`` builds it.
+
+    Every layer gets ``n_virtual`` keys and ``n_virtual`` values of the key/value width
+    (``kv_width`` = key/value heads x head dim), so the prefix is an ``n_virtual x (layers * 2 *
+    kv_width)`` matrix. Without the reparameterisation (``encoder_hidden=None``) that matrix is what
+    trains. With it, an ``n_virtual x kv_width`` embedding goes through ``Linear(kv_width,
+    encoder_hidden)``, tanh and ``Linear(encoder_hidden, layers * 2 * kv_width)`` (weights and biases).
+    """
+    prefix_width = layers * 2 * kv_width
+    if encoder_hidden is None:
+        return n_virtual * prefix_width
+    embedding = n_virtual * kv_width
+    first_linear = kv_width * encoder_hidden + encoder_hidden
+    second_linear = encoder_hidden * prefix_width + prefix_width
+    return embedding + first_linear + second_linear

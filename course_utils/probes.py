@@ -9,6 +9,12 @@ Two questions matter before any fine-tuning lesson:
    ``is_chat_format_answer``: one complete sentence that names the subject, states a value of the
    attribute asked about, and ends with ``</s>``. Merely ending with ``</s>`` is not enough: a
    model pretrained on lines that all end with ``</s>`` does that anyway.
+
+Whether a reply is *right* can be judged two ways. ``chat_answers`` stores ``correct``: the gold
+value anywhere in the reply (``mentions_value``), lenient with a pretrained model that rambles on
+for lines, and kept because lessons 02-05 compare methods with it. ``answered_correctly`` (and
+``answer_accuracy``) asks for the value in the reply's first sentence, where an answer gives it:
+the honest measure of an untrained model.
 """
 
 from __future__ import annotations
@@ -168,6 +174,32 @@ def chat_answers(model, tokenizer, questions: list[dict], max_new_tokens: int
                                    correct=mentions_value(text, q["answer"]),
                                    chat_format=in_format))
     return results
+
+
+def first_sentence(reply: str) -> str:
+    """The start of ``reply`` that an answer would consist of: up to its first line break or end
+    of sentence (``.``, ``?`` or ``!``), without ``</s>`` and surrounding spaces.
+    ``"Odile lives in Fenwick.</s>"`` gives ``"Odile lives in Fenwick"``; a pretrained model's
+    ``"Odile?\nOdile lives in Fenwick."`` (the question continued) gives ``"Odile"``."""
+    text = reply.replace(EOS_TOKEN, "").strip()
+    return re.split(r"[.?!\n]", text, maxsplit=1)[0].strip()
+
+
+def answered_correctly(reply: str, value: str) -> bool:
+    """Whether ``reply`` answers with ``value``: the value (as whole words) in its first sentence.
+
+    Stricter than ``mentions_value(reply, value)`` (what ``chat_answers`` stores as ``correct``),
+    which also counts a value that a rambling reply names lines later, in text about another
+    question or another character. For a one-sentence reply the two agree."""
+    return mentions_value(first_sentence(reply), value)
+
+
+def answer_accuracy(results: list[ProbeResult]) -> float:
+    """The fraction of ``results`` (from ``chat_answers``) whose reply ``answered_correctly`` with
+    the gold value; ``accuracy(results)`` counts the gold value anywhere in the reply instead."""
+    if not results:
+        raise ValueError("no results to score")
+    return sum(answered_correctly(r.output, r.gold) for r in results) / len(results)
 
 
 def accuracy(results: list[ProbeResult], field: str = "correct") -> float:
