@@ -109,6 +109,196 @@ def reply_labels(tokenizer, messages):
     return []
 '''
 
+# the reasoning questions (issue 36): a choice, a reading or a diagnosis, each with plausible wrong
+# answers that must lose the question's points
+ZERO_ALWAYS_3 = '''
+def choose_zero_stage(n_params, n_gpus, gpu_gb):
+    needed = memory.training_memory(n_params, weight_bytes=2, gradient_bytes=2, master_weight_bytes=4,
+                                    zero_stage=3, n_gpus=n_gpus).total
+    return 3 if needed <= gpu_gb * 10**9 else None
+'''
+ZERO_MASTER_NOT_SHARDED = '''
+def choose_zero_stage(n_params, n_gpus, gpu_gb):
+    for stage in (0, 1, 2, 3):
+        split = lambda first: n_gpus if stage >= first else 1
+        needed = n_params * (2 / split(3) + 2 / split(2) + 8 / split(1) + 4)
+        if needed <= gpu_gb * 10**9:
+            return stage
+    return None
+'''
+LORA_IGNORES_BASE = '''
+def choose_lora(config, budget_gb, ranks, target_sets):
+    best, best_count = None, -1
+    for r in ranks:
+        for targets in target_sets:
+            trainable = memory.lora_parameters(config, r, targets)
+            if memory.training_memory(trainable).total <= budget_gb * 10**9 and trainable > best_count:
+                best, best_count = {"r": r, "targets": list(targets)}, trainable
+    return best
+'''
+LORA_LARGEST_RANK = '''
+def choose_lora(config, budget_gb, ranks, target_sets):
+    frozen = memory.training_memory(memory.count_parameters(config), trainable_params=0, weight_bytes=2).total
+    for r in sorted(ranks, reverse=True):
+        for targets in target_sets:
+            trainable = memory.lora_parameters(config, r, targets)
+            if frozen + memory.training_memory(trainable).total <= budget_gb * 10**9:
+                return {"r": r, "targets": list(targets)}
+    return None
+'''
+FAMILY_IA3_AS_LOW_RANK = '''
+def peft_family(trainable):
+    names = " ".join(trainable)
+    if ".lora_" in names or ".ia3_l." in names:
+        return "low_rank"
+    if "prompt_encoder." in names:
+        return "soft_prompt"
+    if ".adapter." in names:
+        return "adapter"
+    return "selective"
+'''
+FAMILY_UNKNOWN_AS_ADAPTER = '''
+def peft_family(trainable):
+    names = " ".join(trainable)
+    if ".lora_" in names:
+        return "low_rank"
+    if ".ia3_l." in names:
+        return "rescaling"
+    if "prompt_encoder." in names:
+        return "soft_prompt"
+    return "adapter"
+'''
+COMPARE_LARGER_MEAN = '''
+def compare_methods(scores_a, scores_b):
+    return "a" if sum(scores_a) > sum(scores_b) else "b"
+'''
+COMPARE_UNPAIRED = '''
+def compare_methods(scores_a, scores_b):
+    n = len(scores_a)
+    mean_a, mean_b = sum(scores_a) / n, sum(scores_b) / n
+    var_a = sum((a - mean_a) ** 2 for a in scores_a) / (n - 1)
+    var_b = sum((b - mean_b) ** 2 for b in scores_b) / (n - 1)
+    half_width = T_975[2 * n - 3] * ((var_a + var_b) / n) ** 0.5
+    if mean_a - mean_b > half_width:
+        return "a"
+    if mean_b - mean_a > half_width:
+        return "b"
+    return "cannot tell"
+'''
+LOWER_ERROR_ALWAYS_NF4 = '''
+def lower_error(distribution, outlier, method_a, method_b):
+    rank = {"nf4_block": 0, "int4_block": 1, "int4_tensor": 2}
+    return method_a if rank[method_a] < rank[method_b] else method_b
+'''
+LOWER_ERROR_ONE_SCALE = '''
+def lower_error(distribution, outlier, method_a, method_b):
+    rank = ({"int4_tensor": 0, "int4_block": 1, "nf4_block": 2} if distribution == "uniform"
+            else {"nf4_block": 0, "int4_tensor": 1, "int4_block": 2})
+    return method_a if rank[method_a] < rank[method_b] else method_b
+'''
+DIAGNOSE_TRAIN_LOSS_ONLY = '''
+def diagnose_run(evidence):
+    train = evidence["train_loss"]
+    if any(math.isnan(value) for value in train):
+        return "labels_all_masked"
+    if max(train) - min(train) < 1e-6:
+        return "frozen_adapter"
+    if train[0] - train[-1] < 0.08 * train[0]:
+        return "lr_too_low"
+    return "healthy"
+'''
+DIAGNOSE_SWAPPED = '''
+def diagnose_run(evidence):
+    train, reply = evidence["train_loss"], evidence["reply_loss"]
+    if any(math.isnan(value) for value in train):
+        return "labels_all_masked"
+    if max(train) - min(train) < 1e-6:
+        return "lr_too_low"
+    train_drop, reply_drop = train[0] - train[-1], reply[0] - reply[-1]
+    if reply_drop < 0.25 * train_drop:
+        return "mask_reversed"
+    if train_drop < 0.08 * train[0]:
+        return "frozen_adapter"
+    return "healthy"
+'''
+CALIBRATION_NO_NOISE = '''
+def calibration_verdicts(margins):
+    verdicts = {}
+    for axis, values in margins.items():
+        accuracy = sum(m > 0 for m in values) / len(values)
+        confidence = sum(1 / (1 + math.exp(-abs(m))) for m in values) / len(values)
+        verdicts[axis] = "overconfident" if confidence > accuracy else "underconfident"
+    return verdicts
+'''
+CALIBRATION_BIG_MARGINS = '''
+def calibration_verdicts(margins):
+    verdicts = {}
+    for axis, values in margins.items():
+        typical = sum(abs(m) for m in values) / len(values)
+        verdicts[axis] = ("overconfident" if typical > 2 else "underconfident" if typical < 0.5
+                          else "calibrated")
+    return verdicts
+'''
+SWEEP_BY_PROXY = '''
+def read_kl_sweep(runs):
+    deployed = max(runs, key=lambda run: run["proxy_reward"])
+    over = [run["kl_coef"] for run in runs
+            if run["kl"] > deployed["kl"] and run["gold_reward"] < deployed["gold_reward"]]
+    return {"deploy": deployed["kl_coef"], "over_optimised": sorted(over)}
+'''
+SWEEP_ASSUMES_SORTED = '''
+def read_kl_sweep(runs):
+    best = max(range(len(runs)), key=lambda i: runs[i]["gold_reward"])
+    return {"deploy": runs[best]["kl_coef"], "over_optimised": sorted(run["kl_coef"] for run in runs[:best])}
+'''
+DPO_ACCURACY_ONLY = '''
+def diagnose_dpo(log):
+    if log["train_reward_accuracy"][-1] < 0.6:
+        return "not_learning"
+    if log["heldout_reward_accuracy"][-1] < 0.6:
+        return "overfitting"
+    return "healthy"
+'''
+DPO_TRAIN_ONLY = '''
+def diagnose_dpo(log):
+    if log["train_reward_accuracy"][-1] < 0.6:
+        return "not_learning"
+    chosen = log["chosen_logprob"]
+    if chosen[0] - chosen[-1] > 0.2 * abs(chosen[0]):
+        return "likelihood_displacement"
+    return "healthy"
+'''
+WIN_MORE_WINS = '''
+def win_verdict(wins, losses, ties):
+    return "a" if wins > losses else "b" if losses > wins else "cannot tell"
+'''
+WIN_FIXED_MARGIN = '''
+def win_verdict(wins, losses, ties):
+    rate = (wins + 0.5 * ties) / (wins + losses + ties)
+    return "cannot tell" if abs(rate - 0.5) <= 0.05 else "a" if rate > 0.5 else "b"
+'''
+SOFT_PROMPT_ANY_MLP = '''
+def read_soft_prompt(config, trainable):
+    table = next(shape for name, shape in trainable.items() if name.endswith("embedding.weight"))
+    return {"acts_at": "every_layer" if len(trainable) > 1 else "input", "num_virtual_tokens": table[0]}
+'''
+SOFT_PROMPT_QUERY_WIDTH = '''
+def read_soft_prompt(config, trainable):
+    width = 2 * config.num_hidden_layers * config.hidden_size
+    table = next(shape for name, shape in trainable.items() if name.endswith("embedding.weight"))
+    acts_at = "every_layer" if any(width in shape for shape in trainable.values()) else "input"
+    return {"acts_at": acts_at, "num_virtual_tokens": table[0]}
+'''
+KEY_SHAPE_QUERY_HEADS = '''
+def prefix_key_shape(config, num_virtual_tokens, batch_size):
+    head_dim = config.hidden_size // config.num_attention_heads
+    return (batch_size, config.num_attention_heads, num_virtual_tokens, head_dim)
+'''
+KEY_SHAPE_POSITIONS_FIRST = '''
+def prefix_key_shape(config, num_virtual_tokens, batch_size):
+    head_dim = config.hidden_size // config.num_attention_heads
+    return (batch_size, num_virtual_tokens, config.num_key_value_heads, head_dim)
+'''
 # student -> (cell replacements, expected points per question)
 FULL = {"q1_format_chat": 2, "q2_count_reply_tokens": 1, "q3_reply_labels": 2}
 EX00_VARIANTS = {
@@ -165,7 +355,7 @@ def largest_model(budget_gb, bytes_per_param):
     return int(budget_gb * 1024**3 // bytes_per_param)
 '''
 FULL_01 = {"q1_bytes_per_parameter": 1, "q2_count_llama_parameters": 2,
-           "q3_lora_trainable_parameters": 2, "q4_largest_model": 1}
+           "q3_lora_trainable_parameters": 2, "q4_largest_model": 1, "q5_choose_zero_stage": 2}
 EX01_VARIANTS = {
     "correct": ({}, FULL_01),
     "q1_no_master": ({"def bytes_per_parameter": BYTES_NO_MASTER},
@@ -177,6 +367,9 @@ EX01_VARIANTS = {
     "q3_a_only": ({"def lora_trainable_parameters": LORA_A_ONLY},
                   {**FULL_01, "q3_lora_trainable_parameters": 0}),
     "q4_binary_gb": ({"def largest_model": LARGEST_BINARY_GB}, {**FULL_01, "q4_largest_model": 0}),
+    "q5_always_stage_3": ({"def choose_zero_stage": ZERO_ALWAYS_3}, {**FULL_01, "q5_choose_zero_stage": 0}),
+    "q5_master_copy_not_split": ({"def choose_zero_stage": ZERO_MASTER_NOT_SHARDED},
+                                 {**FULL_01, "q5_choose_zero_stage": 0}),
 }
 LORA_NO_SCALING = '''
 def lora_forward(x, W, b, A, B, alpha, r):
@@ -194,7 +387,7 @@ SCALING_IGNORES_RSLORA = '''
 def lora_scaling(alpha, r, use_rslora=False):
     return alpha / r
 '''
-FULL_02 = {"q1_lora_forward": 2, "q2_lora_merge": 1, "q3_lora_scaling": 1}
+FULL_02 = {"q1_lora_forward": 2, "q2_lora_merge": 1, "q3_lora_scaling": 1, "q4_choose_lora": 3}
 EX02_VARIANTS = {
     "correct": ({}, FULL_02),
     "q1_no_scaling": ({"def lora_forward": LORA_NO_SCALING}, {**FULL_02, "q1_lora_forward": 0}),
@@ -202,6 +395,8 @@ EX02_VARIANTS = {
     "q2_no_scaling": ({"def lora_merge": MERGE_NO_SCALING}, {**FULL_02, "q2_lora_merge": 0}),
     "q3_ignores_rslora": ({"def lora_scaling": SCALING_IGNORES_RSLORA},
                           {**FULL_02, "q3_lora_scaling": 0}),
+    "q4_ignores_frozen_base": ({"def choose_lora": LORA_IGNORES_BASE}, {**FULL_02, "q4_choose_lora": 0}),
+    "q4_largest_rank_that_fits": ({"def choose_lora": LORA_LARGEST_RANK}, {**FULL_02, "q4_choose_lora": 0}),
 }
 ADAPTER_NO_RESIDUAL = '''
 def adapter_forward(h, W_down, b_down, W_up, b_up):
@@ -215,7 +410,8 @@ IA3_ALWAYS_OUTPUT = '''
 def ia3_linear(x, W, l, where):
     return (x @ W.T) * l
 '''
-FULL_03 = {"q1_adapter_forward": 2, "q2_adapter_parameter_count": 1, "q3_ia3_linear": 2}
+FULL_03 = {"q1_adapter_forward": 2, "q2_adapter_parameter_count": 1, "q3_ia3_linear": 2,
+           "q4_peft_family": 2, "q5_compare_methods": 2}
 EX03_VARIANTS = {
     "correct": ({}, FULL_03),
     "q1_no_residual": ({"def adapter_forward": ADAPTER_NO_RESIDUAL},
@@ -223,6 +419,12 @@ EX03_VARIANTS = {
     "q2_one_adapter_per_layer": ({"def adapter_parameter_count": COUNT_ONE_ADAPTER},
                                  {**FULL_03, "q2_adapter_parameter_count": 0}),
     "q3_always_output": ({"def ia3_linear": IA3_ALWAYS_OUTPUT}, {**FULL_03, "q3_ia3_linear": 0}),
+    "q4_ia3_as_low_rank": ({"def peft_family": FAMILY_IA3_AS_LOW_RANK}, {**FULL_03, "q4_peft_family": 0}),
+    "q4_unknown_as_adapter": ({"def peft_family": FAMILY_UNKNOWN_AS_ADAPTER},
+                              {**FULL_03, "q4_peft_family": 0}),
+    "q5_larger_mean_wins": ({"def compare_methods": COMPARE_LARGER_MEAN},
+                            {**FULL_03, "q5_compare_methods": 0}),
+    "q5_seeds_not_paired": ({"def compare_methods": COMPARE_UNPAIRED}, {**FULL_03, "q5_compare_methods": 0}),
 }
 INT8_TRUNCATES = '''
 def absmax_int8_rows(x):
@@ -252,7 +454,7 @@ def dequantize_nf4(packed, absmax, n, blocksize):
     return NF4[indices] * absmax[0]
 '''
 FULL_04 = {"q1_absmax_int8_rows": 2, "q2_nearest_nf4": 2, "q3_pack_nibbles": 2,
-           "q4_dequantize_nf4": 2}
+           "q4_dequantize_nf4": 2, "q5_lower_error": 2}
 EX04_VARIANTS = {
     "correct": ({}, FULL_04),
     "q1_truncates": ({"def absmax_int8_rows": INT8_TRUNCATES}, {**FULL_04, "q1_absmax_int8_rows": 0}),
@@ -262,6 +464,8 @@ EX04_VARIANTS = {
     "q3_low_nibble_first": ({"def pack_nibbles": PACK_LOW_FIRST}, {**FULL_04, "q3_pack_nibbles": 0}),
     "q4_first_absmax_only": ({"def dequantize_nf4": DEQUANTIZE_FIRST_ABSMAX},
                              {**FULL_04, "q4_dequantize_nf4": 0}),
+    "q5_nf4_always_best": ({"def lower_error": LOWER_ERROR_ALWAYS_NF4}, {**FULL_04, "q5_lower_error": 0}),
+    "q5_one_scale_is_enough": ({"def lower_error": LOWER_ERROR_ONE_SCALE}, {**FULL_04, "q5_lower_error": 0}),
 }
 ROWS_LAST_REPLY_ONLY = '''
 def chat_to_rows(messages):
@@ -287,7 +491,8 @@ def pack_wrapped(rows, block_size):
     return [{"input_ids": r["input_ids"][i:i + block_size], "labels": r["labels"][i:i + block_size]}
             for r in rows for i in range(0, len(r["input_ids"]), block_size)]
 '''
-FULL_05 = {"q1_chat_to_rows": 2, "q2_row_ids_and_labels": 2, "q3_pad_batch": 2, "q4_pack_wrapped": 2}
+FULL_05 = {"q1_chat_to_rows": 2, "q2_row_ids_and_labels": 2, "q3_pad_batch": 2, "q4_pack_wrapped": 2,
+           "q5_diagnose_run": 3}
 EX05_VARIANTS = {
     "correct": ({}, FULL_05),
     "q1_last_reply_only": ({"def chat_to_rows": ROWS_LAST_REPLY_ONLY}, {**FULL_05, "q1_chat_to_rows": 0}),
@@ -296,6 +501,8 @@ EX05_VARIANTS = {
     "q3_labels_padded_with_pad_id": ({"def pad_batch": PAD_LABELS_WITH_PAD_ID},
                                      {**FULL_05, "q3_pad_batch": 0}),
     "q4_packs_each_row": ({"def pack_wrapped": PACK_EACH_ROW}, {**FULL_05, "q4_pack_wrapped": 0}),
+    "q5_train_loss_only": ({"def diagnose_run": DIAGNOSE_TRAIN_LOSS_ONLY}, {**FULL_05, "q5_diagnose_run": 0}),
+    "q5_frozen_and_slow_swapped": ({"def diagnose_run": DIAGNOSE_SWAPPED}, {**FULL_05, "q5_diagnose_run": 0}),
 }
 BT_NAIVE = '''
 def bradley_terry_loss(chosen, rejected):
@@ -313,7 +520,8 @@ SCORES_LAST_COLUMN = '''
 def last_token_scores(scores, attention_mask):
     return scores[:, -1]
 '''
-FULL_06 = {"q1_bradley_terry_loss": 2, "q2_pairwise_accuracy": 1, "q3_last_token_scores": 2}
+FULL_06 = {"q1_bradley_terry_loss": 2, "q2_pairwise_accuracy": 1, "q3_last_token_scores": 2,
+           "q4_calibration_verdicts": 2}
 EX06_VARIANTS = {
     "correct": ({}, FULL_06),
     "q1_naive_log_of_sigmoid": ({"def bradley_terry_loss": BT_NAIVE},
@@ -323,6 +531,10 @@ EX06_VARIANTS = {
                       {**FULL_06, "q2_pairwise_accuracy": 0}),
     "q3_last_column": ({"def last_token_scores": SCORES_LAST_COLUMN},
                        {**FULL_06, "q3_last_token_scores": 0}),
+    "q4_no_allowance_for_chance": ({"def calibration_verdicts": CALIBRATION_NO_NOISE},
+                                   {**FULL_06, "q4_calibration_verdicts": 0}),
+    "q4_big_margins_are_overconfident": ({"def calibration_verdicts": CALIBRATION_BIG_MARGINS},
+                                         {**FULL_06, "q4_calibration_verdicts": 0}),
 }
 GAE_FORWARDS = '''
 def gae(rewards, values, mask, gamma, lam):
@@ -364,7 +576,7 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, eps):
     ratio = torch.exp(logprobs - old_logprobs)
     return -(ratio * advantages * mask).sum() / mask.sum()
 '''
-FULL_07 = {"q1_gae": 2, "q2_shaped_rewards": 1, "q3_ppo_clip_loss": 2}
+FULL_07 = {"q1_gae": 2, "q2_shaped_rewards": 1, "q3_ppo_clip_loss": 2, "q4_read_kl_sweep": 2}
 EX07_VARIANTS = {
     "correct": ({}, FULL_07),
     "q1_advantages_not_reversed": ({"def gae": GAE_FORWARDS}, {**FULL_07, "q1_gae": 0}),
@@ -375,6 +587,9 @@ EX07_VARIANTS = {
     "q3_clip_on_the_wrong_side": ({"def ppo_clip_loss": CLIP_WRONG_SIDE},
                                   {**FULL_07, "q3_ppo_clip_loss": 0}),
     "q3_no_clip": ({"def ppo_clip_loss": CLIP_MISSING}, {**FULL_07, "q3_ppo_clip_loss": 0}),
+    "q4_deploys_by_proxy": ({"def read_kl_sweep": SWEEP_BY_PROXY}, {**FULL_07, "q4_read_kl_sweep": 0}),
+    "q4_assumes_sorted_rows": ({"def read_kl_sweep": SWEEP_ASSUMES_SORTED},
+                               {**FULL_07, "q4_read_kl_sweep": 0}),
 }
 LOGPROB_NO_SHIFT = '''
 def sequence_logprob(logits, input_ids, completion_mask):
@@ -408,7 +623,7 @@ ACCURACY_TIES_COUNT = '''
 def preference_accuracy(chosen_rewards, rejected_rewards):
     return (chosen_rewards >= rejected_rewards).float().mean().item()
 '''
-FULL_08 = {"q1_sequence_logprob": 2, "q2_dpo_loss": 2, "q3_preference_accuracy": 1}
+FULL_08 = {"q1_sequence_logprob": 2, "q2_dpo_loss": 2, "q3_preference_accuracy": 1, "q4_diagnose_dpo": 2}
 EX08_VARIANTS = {
     "correct": ({}, FULL_08),
     "q1_no_shift": ({"def sequence_logprob": LOGPROB_NO_SHIFT}, {**FULL_08, "q1_sequence_logprob": 0}),
@@ -419,6 +634,8 @@ EX08_VARIANTS = {
     "q2_beta_misplaced": ({"def dpo_loss": DPO_BETA_MISPLACED}, {**FULL_08, "q2_dpo_loss": 0}),
     "q3_ties_count_as_wins": ({"def preference_accuracy": ACCURACY_TIES_COUNT},
                               {**FULL_08, "q3_preference_accuracy": 0}),
+    "q4_accuracies_only": ({"def diagnose_dpo": DPO_ACCURACY_ONLY}, {**FULL_08, "q4_diagnose_dpo": 0}),
+    "q4_training_accuracy_only": ({"def diagnose_dpo": DPO_TRAIN_ONLY}, {**FULL_08, "q4_diagnose_dpo": 0}),
 }
 PERPLEXITY_PADDING_COUNTED = '''
 def batch_perplexity(logits, input_ids, attention_mask):
@@ -453,7 +670,8 @@ def swapped_win_rate(judge, pairs):
     wins = sum(judge(a, b) == "first" and judge(b, a) == "second" for a, b in pairs)
     return float(wins / len(pairs))
 '''
-FULL_09 = {"q1_batch_perplexity": 2, "q2_normalized_exact_match": 1, "q3_swapped_win_rate": 2}
+FULL_09 = {"q1_batch_perplexity": 2, "q2_normalized_exact_match": 1, "q3_swapped_win_rate": 2,
+           "q4_win_verdict": 2}
 EX09_VARIANTS = {
     "correct": ({}, FULL_09),
     "q1_padding_counted": ({"def batch_perplexity": PERPLEXITY_PADDING_COUNTED},
@@ -466,12 +684,27 @@ EX09_VARIANTS = {
                           {**FULL_09, "q3_swapped_win_rate": 0}),
     "q3_ties_count_as_losses": ({"def swapped_win_rate": WIN_RATE_TIES_AS_LOSSES},
                                 {**FULL_09, "q3_swapped_win_rate": 0}),
+    "q4_more_wins_is_better": ({"def win_verdict": WIN_MORE_WINS}, {**FULL_09, "q4_win_verdict": 0}),
+    "q4_fixed_five_points": ({"def win_verdict": WIN_FIXED_MARGIN}, {**FULL_09, "q4_win_verdict": 0}),
+}
+FULL_10 = {"q1_read_soft_prompt": 2, "q2_prefix_key_shape": 1}
+EX10_VARIANTS = {
+    "correct": ({}, FULL_10),
+    "q1_any_mlp_means_prefix": ({"def read_soft_prompt": SOFT_PROMPT_ANY_MLP},
+                                {**FULL_10, "q1_read_soft_prompt": 0}),
+    "q1_query_width": ({"def read_soft_prompt": SOFT_PROMPT_QUERY_WIDTH},
+                       {**FULL_10, "q1_read_soft_prompt": 0}),
+    "q2_query_heads": ({"def prefix_key_shape": KEY_SHAPE_QUERY_HEADS},
+                       {**FULL_10, "q2_prefix_key_shape": 0}),
+    "q2_positions_before_heads": ({"def prefix_key_shape": KEY_SHAPE_POSITIONS_FIRST},
+                                  {**FULL_10, "q2_prefix_key_shape": 0}),
 }
 EXERCISE_VARIANTS = {"ex00_warmup": EX00_VARIANTS, "ex01_memory": EX01_VARIANTS,
                      "ex02_lora": EX02_VARIANTS, "ex03_adapters_ia3": EX03_VARIANTS,
                      "ex04_nf4": EX04_VARIANTS, "ex05_sft_data": EX05_VARIANTS,
                      "ex06_reward_model": EX06_VARIANTS, "ex07_ppo": EX07_VARIANTS,
-                     "ex08_dpo": EX08_VARIANTS, "ex09_evaluation": EX09_VARIANTS}
+                     "ex08_dpo": EX08_VARIANTS, "ex09_evaluation": EX09_VARIANTS,
+                     "ex10_prompt_prefix": EX10_VARIANTS}
 #: variants graded as students of their own: a hang, an exception, a flood or tampering must cost
 #: only its own question, and their expected status and message are checked
 ALONE = {"ex00_warmup/q1_hardcoded", "ex00_warmup/q1_hangs", "ex00_warmup/q2_raises",

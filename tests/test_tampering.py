@@ -33,7 +33,7 @@ USES_TEST_REFERENCE = '''
 def sequence_logprob(logits, input_ids, completion_mask):
     return globals()["reference_sequence_logprob"](logits, input_ids, completion_mask)
 '''
-FULL_08 = {"q1_sequence_logprob": 2, "q2_dpo_loss": 2, "q3_preference_accuracy": 1}
+FULL_08 = {"q1_sequence_logprob": 2, "q2_dpo_loss": 2, "q3_preference_accuracy": 1, "q4_diagnose_dpo": 2}
 NO_Q2 = {**FULL_08, "q2_dpo_loss": 0}
 # student -> (exercise, {cell marker: new source}, expected points)
 TAMPERING = {
@@ -58,7 +58,7 @@ TAMPERING = {
     "builtins_isinstance_patched": ("ex08_dpo", {"def dpo_loss": WRONG_DPO.replace(
         "    return loss,",
         "    import builtins\n    builtins.isinstance = lambda *a: True\n    return loss,")},
-        {"q1_sequence_logprob": 2, "q2_dpo_loss": 0, "q3_preference_accuracy": 0}),
+        {"q1_sequence_logprob": 2, "q2_dpo_loss": 0, "q3_preference_accuracy": 0, "q4_diagnose_dpo": 0}),
     "prints_fake_passed_lines": ("ex08_dpo", {"def dpo_loss": WRONG_DPO.replace(
         "    return loss,", '    print("question 2: the visible check passed")\n'
         '    print("  q2_dpo_loss   2 / 2   passed")\n    return loss,')}, NO_Q2),
@@ -74,7 +74,8 @@ TAMPERING = {
         "torch.allclose = lambda *a, **k: True\n"
         "def bradley_terry_loss(chosen_rewards, rejected_rewards):\n"
         "    return (chosen_rewards - rejected_rewards).mean()\n")},
-        {"q1_bradley_terry_loss": 0, "q2_pairwise_accuracy": 1, "q3_last_token_scores": 2}),
+        {"q1_bradley_terry_loss": 0, "q2_pairwise_accuracy": 1, "q3_last_token_scores": 2,
+         "q4_calibration_verdicts": 2}),
 }
 
 
