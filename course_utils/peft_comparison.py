@@ -32,7 +32,7 @@ from course_utils.course.models import (
     parameter_count,
     tinyllama_config,
 )
-from course_utils.course.paths import WORLD_DIR, artifacts_dir
+from course_utils.course.paths import REPO_ROOT, WORLD_DIR, artifacts_dir
 from course_utils.course.profiles import get_profile, tiny_profile
 from course_utils.course.recipes import load_recipe
 from course_utils.numerics import heldout_loss
@@ -69,7 +69,8 @@ def lesson_setup(profile_name: str, seed: int) -> LessonSetup:
     torch.manual_seed(seed)
     profile = get_profile(profile_name)
     print(where_it_runs(profile))
-    base_model, tokenizer = load_model_and_tokenizer(tiny_profile(), load_in_4bit=False)
+    with quiet_progress():  # no loading bar: the line above says what loads
+        base_model, tokenizer = load_model_and_tokenizer(tiny_profile(), load_in_4bit=False)
 
     def read(name):
         return [json.loads(line) for line in (WORLD_DIR / name).open()]
@@ -198,7 +199,7 @@ def save_and_reload(model, base_model, name: str) -> tuple[int, float]:
     ids = torch.arange(3, 19).view(2, 8)
     model.eval()
     reference = model(input_ids=ids).logits
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, quiet_progress():  # no bars for a temporary copy
         if name == "houlsby":
             state = {n: p.detach().contiguous() for n, p in model.named_parameters()
                      if p.requires_grad}
@@ -327,7 +328,8 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
 
     Every run saves its row under ``artifacts/peft_runs/`` with its ``run_key``. With
     ``reuse=True`` (lesson 05), a saved row whose key matches is returned instead of training
-    again, with ``None`` for the model: the same seeds, settings, code and data give the same run.
+    again, with ``None`` for the model (how a lesson counts the runs it reused): the same seeds,
+    settings, code and data give the same run.
     """
     recipe = recipe or methods_recipe()
     steps = recipe.training["steps"] if steps is None else steps
@@ -335,8 +337,7 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
     saved = saved_run_path(name, key)
     if reuse and saved.exists():
         record = json.loads(saved.read_text())
-        if record["key"] == key:
-            print(f"[course] {name}: reusing the identical run saved by an earlier lesson ({saved})")
+        if record["key"] == key:  # silently: the lesson says once how many runs it reused
             return None, MethodResult(**record["row"])
     batch_size, seed = recipe.training["batch_size"], recipe.seed
     model = make_method(name, base_model, seed, recipe)
@@ -449,3 +450,95 @@ def scale_table(rows) -> str:
         peak = f"{row['peak_gb']:8.2f}" if row["peak_gb"] is not None else f"{'-':>8s}"
         lines.append(f"{row['method']:14s} {row['trainable']:14,d} {row['percent']:10.4f} {step} {peak}")
     return "\n".join(lines)
+
+
+# --- the comparison at tuned learning rates, over seeds (scripts/peft_sweep.py) -----------------
+
+#: Lesson 05's ranking: every method of the comparison at three learning rates and three seeds,
+#: trained by ``scripts/peft_sweep.py`` on the tiny profile and committed, so every machine that
+#: reads it shows the same numbers.
+SWEEP_PATH = REPO_ROOT / "peft_sweep" / "results.json"
+SWEEP_METHODS = ("full", "houlsby", "prompt_tuning", "p_tuning", "prefix_tuning", "lora", "ia3")
+SWEEP_SEEDS = 3  # the recipe's seed and the next two
+#: Student's t, two-sided 95%, by degrees of freedom (the course pins no scipy)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def rate_grid(rate: float) -> list[float]:
+    """``rate`` and its two neighbours on the 1-3-10 grid practitioners search (3e-4, 1e-3, 3e-3):
+    about a factor of 3 either side."""
+    import math
+
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    mantissa = round(rate / 10 ** exponent)
+    if mantissa not in (1, 3):
+        raise ValueError(f"{rate} is not on the 1-3-10 grid (1e-3, 3e-3, 1e-2, ...)")
+    down, up = (0.3, 3) if mantissa == 1 else (1 / 3, 10 / 3)
+    return [float(f"{rate * down:.1g}"), rate, float(f"{rate * up:.1g}")]
+
+
+def seed_interval(values: list[float]) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of one number measured with several seeds and its 95%
+    interval from their spread (Student's t with n - 1 degrees of freedom)."""
+    import statistics
+
+    if len(values) < 2:
+        raise ValueError("an interval over seeds needs at least two seeds")
+    mean = statistics.fmean(values)
+    half = T_975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def sweep_summary(record: dict) -> list[dict]:
+    """Per method of a sweep (``SWEEP_PATH``'s contents): the learning rate with the lowest mean
+    held-out loss (chosen on the held-out *chats*, so the choice does not flatter the accuracy
+    reported on the held-out *questions*), and at that rate the mean held-out accuracy over seeds
+    with its ``seed_interval`` (clipped to [0, 1]: an accuracy). Sorted by that mean accuracy,
+    highest first."""
+    import statistics
+
+    rows = []
+    for method in record["methods"]:
+        runs = [run for run in record["runs"] if run["method"] == method]
+        by_rate = {}
+        for rate in sorted({run["learning_rate"] for run in runs}):
+            at = [run for run in runs if run["learning_rate"] == rate]
+            by_rate[rate] = {"loss": statistics.fmean(r["heldout_loss"] for r in at),
+                             "accuracies": [r["heldout_accuracy"] for r in at]}
+        chosen = min(by_rate, key=lambda rate: by_rate[rate]["loss"])
+        mean, low, high = seed_interval(by_rate[chosen]["accuracies"])
+        rows.append({"method": method, "learning_rate": chosen, "recipe_rate": record["recipe_rates"][method],
+                     "accuracy": mean, "low": max(low, 0.0), "high": min(high, 1.0),
+                     "seeds": len(by_rate[chosen]["accuracies"]),
+                     "trainable_parameters": runs[0]["trainable_parameters"], "rates": by_rate})
+    return sorted(rows, key=lambda row: -row["accuracy"])
+
+
+def ranking_tiers(summary: list[dict]) -> tuple[dict, list[dict], list[dict]]:
+    """``(top, tied, below)``: the method with the highest mean accuracy; those whose interval
+    overlaps its interval (not separated from it by these seeds); and those whose interval lies
+    wholly below it."""
+    top, others = summary[0], summary[1:]
+    tied = [row for row in others if row["high"] >= top["low"]]
+    return top, tied, [row for row in others if row["high"] < top["low"]]
+
+
+def ranking_sentence(summary: list[dict]) -> str:
+    """What the sweep lets one say about the ranking, and no more."""
+    top, tied, below = ranking_tiers(summary)
+
+    def named(row):
+        return (f"{row['method']} {row['accuracy']:.1%} [{row['low']:.1%}, {row['high']:.1%}] "
+                f"at {row['learning_rate']:.0e}")
+
+    if len(summary) == 1:
+        return f"Only one method was swept ({named(top)}): nothing to rank it against."
+    if tied:
+        first = ("Tied at the top (their intervals overlap, so no one of them is 'best'): "
+                 + ", ".join(named(row) for row in [top, *tied]))
+    else:
+        first = f"Ahead of every other method (no other interval reaches its own): {named(top)}"
+    if not below:
+        return first + "."
+    return (first + f"; below {'them' if tied else 'it'}, separated: "
+            + ", ".join(named(row) for row in below) + ".")

@@ -144,3 +144,19 @@ def test_lessons_02_to_05_at_tinyllamas_scale():
     timed = peft_comparison.scale_rows(rehearsal, ["ia3", "prefix_tuning"], chats)
     assert all(r["step_seconds"] > 0 and 0 < r["percent"] < 5 for r in timed)
     assert "course model" in peft_comparison.where_it_runs(rehearsal)
+
+
+def test_alpha_over_r_shrinks_the_update_as_the_rank_grows_and_rslora_does_not():
+    """What lesson 04's ``LoRALinear`` docstring and its rsLoRA section say (Kalajdzievski 2023):
+    with ``alpha`` fixed, ``alpha / r`` makes the update ``B A * scaling`` shrink as ``r`` grows
+    (like ``1 / sqrt(r)`` for trained-looking random factors), ``alpha / sqrt(r)`` keeps its scale."""
+
+    def update_scale(r, use_rslora):
+        torch.manual_seed(0)
+        layer = peft_scratch.LoRALinear(torch.nn.Linear(512, 512), r=r, alpha=16, use_rslora=use_rslora)
+        torch.nn.init.normal_(layer.lora_B, std=0.02)  # as if trained: B is no longer zero
+        return layer.delta_weight().std().item()
+
+    assert update_scale(256, use_rslora=False) < 0.25 * update_scale(4, use_rslora=False)
+    assert 0.7 < update_scale(256, use_rslora=True) / update_scale(4, use_rslora=True) < 1.4
+    assert "comparable across ranks" not in peft_scratch.LoRALinear.__doc__  # the old, wrong claim

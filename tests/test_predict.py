@@ -98,7 +98,8 @@ def test_each_guess_is_asked_before_it_is_revealed_and_defaults_to_none(path):
         guess_cell = guess_cells[0]
         code = [line for line in "".join(cells[guess_cell]["source"]).splitlines()
                 if line.strip() and not line.strip().startswith("#")]
-        assert len(code) == 1, f"{path.name} cell {guess_cell}: the guess cell holds only the guess"
+        assert all(re.match(r"^guess\w*\s*=\s*None\b", line) for line in code), (
+            f"{path.name} cell {guess_cell}: a guess cell holds only guesses, each set to None")
         questions = [i for i in range(guess_cell) if cells[i]["cell_type"] == "markdown"
                      and "**Predict" in "".join(cells[i]["source"])]
         assert questions and questions[-1] >= guess_cell - 2, (
