@@ -244,3 +244,19 @@ def test_carry_keeps_the_other_runs_only_when_the_reference_measured_the_same(tm
     assert found == ["claims: ['s', True, {'gap': 0.25}] -> ['s', True, {'gap': 0.26}]",
                      "metric gap: 0.25 -> 0.26"]
     assert portability.saved_result(tmp_path, portability.VARIATIONS[1], stem) is None
+
+
+def test_carry_ignores_the_order_of_claims_but_not_their_statements():
+    """Moving a detour to an optional section at the end reorders a lesson's claims and changes
+    no number; a reworded claim is a change."""
+    def run(*statements):
+        return {"completed": True, "metrics": {},
+                "entries": [{"kind": "claim", "statement": s, "holds": True, "measured": {"x": 1}}
+                            for s in statements]}
+
+    def differ(before, after):
+        return portability.differences(portability.measured(before), portability.measured(after))
+
+    assert differ(run("a", "b"), run("b", "a")) == []
+    assert differ(run("a", "b"), run("a", "c"))
+    assert differ(run("a", "b"), run("a"))

@@ -382,13 +382,15 @@ def run(stems: list[str], variations=VARIATIONS, workers: int = 2, workdir: Path
 
 def measured(result: dict) -> dict:
     """Every number a run measured that a report keeps: each claim (its verdict and measured
-    values), each tolerance check (verdict and error) and each metric, wall-clock ones excepted."""
+    values), each tolerance check (verdict and error) and each metric, wall-clock ones excepted.
+    Claims and checks are sorted: a report keeps them by statement, so moving a cell (a detour to
+    an optional section at the end) changes no number."""
     entries = result["entries"]
     return {"completed": result["completed"],
-            "claims": [[e["statement"], e["holds"], e.get("measured", {})]
-                       for e in entries if e["kind"] == "claim"],
-            "checks": [[e["what"], e["holds"], e["max_abs_error"]]
-                       for e in entries if e["kind"] == "check_close"],
+            "claims": sorted(([e["statement"], e["holds"], e.get("measured", {})]
+                              for e in entries if e["kind"] == "claim"), key=json.dumps),
+            "checks": sorted(([e["what"], e["holds"], e["max_abs_error"]]
+                              for e in entries if e["kind"] == "check_close"), key=json.dumps),
             "metrics": {k: v for k, v in result["metrics"].items() if not CLOCK.search(k)}}
 
 
