@@ -156,3 +156,20 @@ def test_the_gpu_scripts_phase_runner_runs_every_kind_of_step_on_real_tensors():
     real = budget.trace_phases(config, only=chosen, device="cpu")
     for (phase, traced), (_, measured) in zip(fake, real):
         assert abs(measured["total"] - traced["total"]) < 0.25 * traced["total"], phase.name
+
+
+def test_each_lesson_header_states_the_t4_prediction_the_readme_states():
+    import json
+    import re
+
+    from course_utils.course.paths import REPO_ROOT
+
+    minutes = budget.lesson_minutes()
+    traced = json.loads(budget.TRACE_FILE.read_text())["phases"]
+    for lesson in ("07", "08", "09", "10", "11"):
+        path = next((REPO_ROOT / "notebooks").glob(f"{lesson}_*.ipynb"))
+        header = "".join(json.loads(path.read_text())["cells"][0]["source"])
+        peak = max(r["traced_gb"] for r in traced if r["lesson"] == lesson)
+        stated = re.search(r"T4 \(`colab`\): predicted ~(\d+) min, ([\d.]+) GB peak traced", header)
+        assert stated, f"{path.name}'s header does not state its T4 prediction"
+        assert stated.groups() == (f"{minutes[lesson]:.0f}", f"{peak:.1f}"), path.name

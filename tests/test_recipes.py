@@ -218,8 +218,12 @@ NOT_TRAINING = {
                       "rank (alpha = 2r)", '"LoRA r=8": rank_sweep[8]', '"DoRA r=4": lora_run(4',
                       '"rslora_r8_accuracy"', '"dora_r4_accuracy"',
                       "r: int = 8, alpha: float = 16",  # LoRALinear, written in the lesson
-                      "of LoRA r=8's accuracy from d =", "a random subspace matches LoRA r=8"],
-    "05_ia3.ipynb": ["base_loss = heldout_loss(base_model, tokenizer, test_chats, batch_size=32,"],
+                      "of LoRA r=8's accuracy from d =", "a random subspace matches LoRA r=8",
+                      # labels of runs and plot shading, not settings
+                      'f"r=1, all seven (', 'f"r=8, {name} (', 'alpha=0.1, label="d90',
+                      "within the noise of LoRA r=8's accuracy", 'f"  LoRA r=8: {lora_accuracy'],
+    "05_ia3.ipynb": ["base_loss = heldout_loss(base_model, tokenizer, test_chats, batch_size=32,",
+                     'alpha=0.4, label="tuned rate'],  # plot transparency
     # memory figures
     "06_nf4_quantization.ipynb": ["memory.lora_parameters(config, r=64",
                                   "QLoRA r=64 on all projections",
