@@ -244,6 +244,8 @@ def test_carry_keeps_the_other_runs_only_when_the_reference_measured_the_same(tm
     assert found == ["claims: ['s', True, {'gap': 0.25}] -> ['s', True, {'gap': 0.26}]",
                      "metric gap: 0.25 -> 0.26"]
     assert portability.saved_result(tmp_path, portability.VARIATIONS[1], stem) is None
+    kept = json.loads(portability.result_path(tmp_path, portability.VARIATIONS[0], stem).read_text())
+    assert kept["metrics"]["gap"] == 0.25, "a carry that found a difference must keep the stored reference"
 
 
 def test_carry_ignores_the_order_of_claims_but_not_their_statements():

@@ -450,11 +450,16 @@ def carry(stems: list[str], workdir: Path | None = None, reuse: bool = True) -> 
         print(f"{stem}: " + ("the reference run measured the same numbers; carried"
                              if not found else "numbers differ, nothing carried: " + "; ".join(found)),
               flush=True)
-        if found:
+        if found:  # the stored reference stays: a later carry (upstream reports current) compares with it
+            result_path(workdir, reference, stem).write_text(json.dumps(stored[reference.name]))
             continue
         runs = [fresh]
         for name, result in stored.items():
             if name == reference.name:
+                continue
+            if result["pinned"] != stored[reference.name]["pinned"]:
+                print(f"{stem}: the stored {name} run measured another version of the lesson than the "
+                      f"reference did; left out (rerun it: --variations {name})", flush=True)
                 continue
             read = sorted({e["file"] for e in result["entries"] if e["kind"] == "recipe"})
             carried = {"from_pinned": result.get("carried", {}).get("from_pinned", result["pinned"]),
