@@ -262,3 +262,29 @@ def test_carry_ignores_the_order_of_claims_but_not_their_statements():
     assert differ(run("a", "b"), run("b", "a")) == []
     assert differ(run("a", "b"), run("a", "c"))
     assert differ(run("a", "b"), run("a"))
+
+
+def test_carry_leaves_out_a_stored_run_of_another_lesson_version(tmp_path, monkeypatch):
+    """A variation run only when asked for (aten-scalar) can be older than the lesson's last full
+    rerun: it measured another version, so a carry must not re-pin it to today's lesson."""
+    stem = "01_full_finetuning_memory"
+    monkeypatch.setattr(reporting, "REPORT_DIR", tmp_path / "reports")
+    monkeypatch.setattr(portability, "write_summary", lambda: None)
+    synced = {"lesson_sha256": "v1", "upstream_sha256": {}}
+    older = {"lesson_sha256": "v0", "upstream_sha256": {}}
+
+    def result(variation, pinned):
+        return {"variation": variation, "seconds": 1.0, "completed": True, "error": None, "pinned": pinned,
+                "recipes_sha256": {}, "metrics": {"gap": 0.25},
+                "entries": [{"kind": "claim", "statement": "s", "holds": True, "measured": {}}]}
+
+    for variation in portability.VARIATIONS + portability.EXTRA_VARIATIONS:
+        path = portability.result_path(tmp_path, variation, stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stale = variation in portability.EXTRA_VARIATIONS
+        path.write_text(json.dumps(result(variation.name, older if stale else synced)))
+    monkeypatch.setattr(portability, "run_lesson",
+                        lambda stem_, variation, *a: result(variation.name, portability.pins(stem_)))
+    assert portability.carry([stem], tmp_path) == {stem: []}
+    runs = [run["variation"] for run in reporting.read_report(stem)["runs"]]
+    assert runs == [v.name for v in portability.VARIATIONS]
