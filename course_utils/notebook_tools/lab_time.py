@@ -12,8 +12,8 @@ and ``parameters`` cells, counting lines that are neither blank nor comments):
 
 The main line is every cell before the first Markdown heading that starts with "Optional"
 (``## Optional A. ...``); what follows is optional and nothing before it depends on it. A lab is
-``LAB_MINUTES``: a lesson's main line, read at this rate plus its CPU run time (the portability
-report's reference run, ``portability/<lesson>.json``), must fit it.
+``LAB_MINUTES``: a lesson's main line, read at this rate plus its CPU run time (the median of its
+runs in the portability report, ``portability/<lesson>.json``), must fit it.
 
 ``python -m course_utils.notebook_tools.lab_time`` prints the table; ``--write`` rewrites each
 lesson's ``**Reading time**`` line to the estimate (``tests/test_lab_time.py`` fails when one
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,13 +88,14 @@ def _code_lines(source: str) -> int:
 
 
 def cpu_minutes(stem: str) -> float | None:
-    """The lesson's reference run in its portability report, in minutes (``None`` without one)."""
+    """The median of the lesson's runs in its portability report, in minutes (``None`` without
+    one): not its reference run alone, which may have reused earlier lessons' saved runs (lesson
+    05 reads back 02-04's) or been timed on a quiet machine."""
     path = paths.REPO_ROOT / "portability" / f"{stem}.json"
     if not path.exists():
         return None
-    runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
-    seconds = next((run["seconds"] for run in runs if run["variation"] == "reference"), None)
-    return None if seconds is None else seconds / 60
+    seconds = [run["seconds"] for run in json.loads(path.read_text(encoding="utf-8"))["runs"]]
+    return statistics.median(seconds) / 60 if seconds else None
 
 
 def estimate(path: Path) -> LessonTime:
