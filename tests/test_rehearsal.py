@@ -106,6 +106,27 @@ def test_guard_refuses_what_a_t4_run_would_hit(rehearsal_profile):
         model(torch.ones(rehearsal.max_rows_per_forward() + 1, 8, dtype=torch.long))
 
 
+def test_the_guards_leave_generate_working_for_every_model_in_the_process(rehearsal_profile):
+    """The guards replace the Llama classes' forward for the whole process (a test worker too):
+    generate() checks its keyword arguments against that forward's signature, so a guard without
+    it refused `attention_mask` for a prompt-tuning model on the course model (CI, stop 42)."""
+    import inspect
+
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers.models.llama import modeling_llama
+
+    from course_utils.course.models import load_model_and_tokenizer
+    from course_utils.course.profiles import tiny_profile
+
+    assert "attention_mask" in inspect.signature(modeling_llama.LlamaForCausalLM.forward).parameters
+    base_model, tokenizer = load_model_and_tokenizer(tiny_profile(), load_in_4bit=False)
+    model = get_peft_model(base_model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ids = tokenizer("Where does Odile live?", return_tensors="pt").input_ids
+    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > ids.shape[1]
+
+
 # --- the findings, one test each -----------------------------------------------------------------
 
 class _OnAnotherDevice(torch.nn.Module):

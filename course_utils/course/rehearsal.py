@@ -33,6 +33,7 @@ numbers print as warnings there (``COURSE_STRICT_CLAIMS`` stays off).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -170,6 +171,7 @@ def _t4_mixed_precision_on_the_cpu() -> None:
 
     original_init = Accelerator.__init__
 
+    @functools.wraps(original_init)
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         if self.state.mixed_precision == "fp16" and self.device.type == "cpu" and self.scaler is None:
@@ -193,6 +195,9 @@ def install_guards() -> None:
     original_causal = modeling_llama.LlamaForCausalLM.forward
     limit_rows = max_rows_per_forward()
 
+    # functools.wraps keeps the forward's signature: generate() checks its keyword arguments against
+    # it, and a bare (*args, **kwargs) makes it refuse `attention_mask` for every model in the process
+    @functools.wraps(original)
     def guarded_forward(self, input_ids=None, *args, **kwargs):
         if not getattr(self.config, "course_rehearsal", False):  # any other model: untouched
             return original(self, input_ids, *args, **kwargs)
@@ -207,6 +212,7 @@ def install_guards() -> None:
                 f"{limit_rows}: split it into batches")
         return original(self, input_ids, *args, **kwargs)
 
+    @functools.wraps(original_causal)
     def guarded_causal_forward(self, input_ids=None, *args, **kwargs):
         if getattr(self.config, "course_rehearsal", False):
             shape = (input_ids if input_ids is not None else kwargs.get("inputs_embeds")).shape
