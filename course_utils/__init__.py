@@ -85,3 +85,17 @@ def hide_library_notices() -> None:
     report_logger = logging.getLogger(LOAD_REPORT_LOGGER)
     if not any(isinstance(f, _DropHeadSwapReport) for f in report_logger.filters):
         report_logger.addFilter(_DropHeadSwapReport())
+
+
+def hide_housekeeping_bars() -> None:
+    """No progress bars for loading or saving weights (transformers) or for mapping a data set
+    (datasets, which trl's trainers call to tokenize): a lesson that loads six models showed six
+    bars that say nothing about the lesson. Training shows its own bar, once per run, and Hub
+    downloads (the ``colab`` profile) keep theirs: the learner waits on those."""
+    import datasets
+    import huggingface_hub
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # also turns off the Hub's bars: back on below
+    huggingface_hub.utils.enable_progress_bars()
+    datasets.disable_progress_bars()

@@ -136,15 +136,25 @@ def run_setup_cell(monkeypatch, tmp_path, on_colab: bool, keep_models_on_drive: 
     return commands, mounts
 
 
-def test_the_setup_cell_outside_colab_only_hides_the_notices(monkeypatch, tmp_path):
+def test_the_setup_cell_outside_colab_only_hides_the_notices_and_the_housekeeping_bars(
+        monkeypatch, tmp_path):
     import logging
+
+    import datasets
+    import huggingface_hub
+    from transformers.utils import logging as transformers_logging
 
     import course_utils
 
+    transformers_logging.enable_progress_bar()
+    datasets.enable_progress_bars()
     commands, mounts = run_setup_cell(monkeypatch, tmp_path, on_colab=False)
     assert commands == [] and mounts == [] and Path.cwd() == tmp_path
     for name in course_utils.KNOWN_NOTICES:
         assert logging.getLogger(name).filters, "set_up_notebook must hide the library notices"
+    assert not transformers_logging.is_progress_bar_enabled(), "a bar per model loaded or saved"
+    assert datasets.is_progress_bar_enabled() is False, "a bar per map() of trl's trainers"
+    assert not huggingface_hub.utils.are_progress_bars_disabled(), "Hub downloads keep their bars"
 
 
 def test_the_setup_cell_on_colab_clones_installs_around_torch_and_keeps_models_on_drive(

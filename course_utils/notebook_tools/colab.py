@@ -86,7 +86,7 @@ def set_up_notebook(keep_models_on_drive: bool = False) -> None:
     """What the set-up cell does after the clone. On Colab: keep ``artifacts/`` on Google Drive if
     asked (each notebook gets a fresh runtime; the Drive folder outlives it), install the pinned
     packages and work from the clone's ``notebooks/``. Everywhere: ``hide_library_notices()``,
-    before any cell imports bitsandbytes."""
+    before any cell imports bitsandbytes, and ``hide_housekeeping_bars()``."""
     if on_colab():
         if keep_models_on_drive:
             from google.colab import drive  # only exists on Colab
@@ -98,6 +98,7 @@ def set_up_notebook(keep_models_on_drive: bool = False) -> None:
     elif keep_models_on_drive:
         print("KEEP_MODELS_ON_DRIVE applies on Colab only; here artifacts/ stays in the repository.")
     course_utils.hide_library_notices()
+    course_utils.hide_housekeeping_bars()
 
 
 def course_notebooks() -> list:
