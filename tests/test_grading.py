@@ -109,6 +109,14 @@ def reply_labels(tokenizer, messages):
     return []
 '''
 
+
+def loses(full_marks: dict, function: str, code: str) -> tuple[dict, dict]:
+    """A wrong answer to one question: ``function`` replaced by ``code``; every question keeps its
+    points but the one that asks for ``function``, which gets none."""
+    question, = (name for name in full_marks if name.split("_", 1)[1] == function)
+    return {f"def {function}": code}, {**full_marks, question: 0}
+
+
 # the reasoning questions (issue 36): a choice, a reading or a diagnosis, each with plausible wrong
 # answers that must lose the question's points
 ZERO_ALWAYS_3 = '''
@@ -358,18 +366,13 @@ FULL_01 = {"q1_bytes_per_parameter": 1, "q2_count_llama_parameters": 2,
            "q3_lora_trainable_parameters": 2, "q4_largest_model": 1, "q5_choose_zero_stage": 2}
 EX01_VARIANTS = {
     "correct": ({}, FULL_01),
-    "q1_no_master": ({"def bytes_per_parameter": BYTES_NO_MASTER},
-                     {**FULL_01, "q1_bytes_per_parameter": 0}),
-    "q2_no_gqa": ({"def count_llama_parameters": COUNT_NO_GQA},
-                  {**FULL_01, "q2_count_llama_parameters": 0}),
-    "q2_always_untied": ({"def count_llama_parameters": COUNT_ALWAYS_UNTIED},
-                         {**FULL_01, "q2_count_llama_parameters": 0}),
-    "q3_a_only": ({"def lora_trainable_parameters": LORA_A_ONLY},
-                  {**FULL_01, "q3_lora_trainable_parameters": 0}),
-    "q4_binary_gb": ({"def largest_model": LARGEST_BINARY_GB}, {**FULL_01, "q4_largest_model": 0}),
-    "q5_always_stage_3": ({"def choose_zero_stage": ZERO_ALWAYS_3}, {**FULL_01, "q5_choose_zero_stage": 0}),
-    "q5_master_copy_not_split": ({"def choose_zero_stage": ZERO_MASTER_NOT_SHARDED},
-                                 {**FULL_01, "q5_choose_zero_stage": 0}),
+    "q1_no_master": loses(FULL_01, "bytes_per_parameter", BYTES_NO_MASTER),
+    "q2_no_gqa": loses(FULL_01, "count_llama_parameters", COUNT_NO_GQA),
+    "q2_always_untied": loses(FULL_01, "count_llama_parameters", COUNT_ALWAYS_UNTIED),
+    "q3_a_only": loses(FULL_01, "lora_trainable_parameters", LORA_A_ONLY),
+    "q4_binary_gb": loses(FULL_01, "largest_model", LARGEST_BINARY_GB),
+    "q5_always_stage_3": loses(FULL_01, "choose_zero_stage", ZERO_ALWAYS_3),
+    "q5_master_copy_not_split": loses(FULL_01, "choose_zero_stage", ZERO_MASTER_NOT_SHARDED),
 }
 LORA_NO_SCALING = '''
 def lora_forward(x, W, b, A, B, alpha, r):
@@ -390,13 +393,12 @@ def lora_scaling(alpha, r, use_rslora=False):
 FULL_02 = {"q1_lora_forward": 2, "q2_lora_merge": 1, "q3_lora_scaling": 1, "q4_choose_lora": 3}
 EX02_VARIANTS = {
     "correct": ({}, FULL_02),
-    "q1_no_scaling": ({"def lora_forward": LORA_NO_SCALING}, {**FULL_02, "q1_lora_forward": 0}),
-    "q1_swapped": ({"def lora_forward": LORA_SWAPPED}, {**FULL_02, "q1_lora_forward": 0}),
-    "q2_no_scaling": ({"def lora_merge": MERGE_NO_SCALING}, {**FULL_02, "q2_lora_merge": 0}),
-    "q3_ignores_rslora": ({"def lora_scaling": SCALING_IGNORES_RSLORA},
-                          {**FULL_02, "q3_lora_scaling": 0}),
-    "q4_ignores_frozen_base": ({"def choose_lora": LORA_IGNORES_BASE}, {**FULL_02, "q4_choose_lora": 0}),
-    "q4_largest_rank_that_fits": ({"def choose_lora": LORA_LARGEST_RANK}, {**FULL_02, "q4_choose_lora": 0}),
+    "q1_no_scaling": loses(FULL_02, "lora_forward", LORA_NO_SCALING),
+    "q1_swapped": loses(FULL_02, "lora_forward", LORA_SWAPPED),
+    "q2_no_scaling": loses(FULL_02, "lora_merge", MERGE_NO_SCALING),
+    "q3_ignores_rslora": loses(FULL_02, "lora_scaling", SCALING_IGNORES_RSLORA),
+    "q4_ignores_frozen_base": loses(FULL_02, "choose_lora", LORA_IGNORES_BASE),
+    "q4_largest_rank_that_fits": loses(FULL_02, "choose_lora", LORA_LARGEST_RANK),
 }
 ADAPTER_NO_RESIDUAL = '''
 def adapter_forward(h, W_down, b_down, W_up, b_up):
@@ -414,17 +416,13 @@ FULL_03 = {"q1_adapter_forward": 2, "q2_adapter_parameter_count": 1, "q3_ia3_lin
            "q4_peft_family": 2, "q5_compare_methods": 2}
 EX03_VARIANTS = {
     "correct": ({}, FULL_03),
-    "q1_no_residual": ({"def adapter_forward": ADAPTER_NO_RESIDUAL},
-                       {**FULL_03, "q1_adapter_forward": 0}),
-    "q2_one_adapter_per_layer": ({"def adapter_parameter_count": COUNT_ONE_ADAPTER},
-                                 {**FULL_03, "q2_adapter_parameter_count": 0}),
-    "q3_always_output": ({"def ia3_linear": IA3_ALWAYS_OUTPUT}, {**FULL_03, "q3_ia3_linear": 0}),
-    "q4_ia3_as_low_rank": ({"def peft_family": FAMILY_IA3_AS_LOW_RANK}, {**FULL_03, "q4_peft_family": 0}),
-    "q4_unknown_as_adapter": ({"def peft_family": FAMILY_UNKNOWN_AS_ADAPTER},
-                              {**FULL_03, "q4_peft_family": 0}),
-    "q5_larger_mean_wins": ({"def compare_methods": COMPARE_LARGER_MEAN},
-                            {**FULL_03, "q5_compare_methods": 0}),
-    "q5_seeds_not_paired": ({"def compare_methods": COMPARE_UNPAIRED}, {**FULL_03, "q5_compare_methods": 0}),
+    "q1_no_residual": loses(FULL_03, "adapter_forward", ADAPTER_NO_RESIDUAL),
+    "q2_one_adapter_per_layer": loses(FULL_03, "adapter_parameter_count", COUNT_ONE_ADAPTER),
+    "q3_always_output": loses(FULL_03, "ia3_linear", IA3_ALWAYS_OUTPUT),
+    "q4_ia3_as_low_rank": loses(FULL_03, "peft_family", FAMILY_IA3_AS_LOW_RANK),
+    "q4_unknown_as_adapter": loses(FULL_03, "peft_family", FAMILY_UNKNOWN_AS_ADAPTER),
+    "q5_larger_mean_wins": loses(FULL_03, "compare_methods", COMPARE_LARGER_MEAN),
+    "q5_seeds_not_paired": loses(FULL_03, "compare_methods", COMPARE_UNPAIRED),
 }
 INT8_TRUNCATES = '''
 def absmax_int8_rows(x):
@@ -457,15 +455,13 @@ FULL_04 = {"q1_absmax_int8_rows": 2, "q2_nearest_nf4": 2, "q3_pack_nibbles": 2,
            "q4_dequantize_nf4": 2, "q5_lower_error": 2}
 EX04_VARIANTS = {
     "correct": ({}, FULL_04),
-    "q1_truncates": ({"def absmax_int8_rows": INT8_TRUNCATES}, {**FULL_04, "q1_absmax_int8_rows": 0}),
-    "q1_per_tensor": ({"def absmax_int8_rows": INT8_PER_TENSOR},
-                      {**FULL_04, "q1_absmax_int8_rows": 0}),
-    "q2_next_up": ({"def nearest_nf4": NEAREST_NEXT_UP}, {**FULL_04, "q2_nearest_nf4": 0}),
-    "q3_low_nibble_first": ({"def pack_nibbles": PACK_LOW_FIRST}, {**FULL_04, "q3_pack_nibbles": 0}),
-    "q4_first_absmax_only": ({"def dequantize_nf4": DEQUANTIZE_FIRST_ABSMAX},
-                             {**FULL_04, "q4_dequantize_nf4": 0}),
-    "q5_nf4_always_best": ({"def lower_error": LOWER_ERROR_ALWAYS_NF4}, {**FULL_04, "q5_lower_error": 0}),
-    "q5_one_scale_is_enough": ({"def lower_error": LOWER_ERROR_ONE_SCALE}, {**FULL_04, "q5_lower_error": 0}),
+    "q1_truncates": loses(FULL_04, "absmax_int8_rows", INT8_TRUNCATES),
+    "q1_per_tensor": loses(FULL_04, "absmax_int8_rows", INT8_PER_TENSOR),
+    "q2_next_up": loses(FULL_04, "nearest_nf4", NEAREST_NEXT_UP),
+    "q3_low_nibble_first": loses(FULL_04, "pack_nibbles", PACK_LOW_FIRST),
+    "q4_first_absmax_only": loses(FULL_04, "dequantize_nf4", DEQUANTIZE_FIRST_ABSMAX),
+    "q5_nf4_always_best": loses(FULL_04, "lower_error", LOWER_ERROR_ALWAYS_NF4),
+    "q5_one_scale_is_enough": loses(FULL_04, "lower_error", LOWER_ERROR_ONE_SCALE),
 }
 ROWS_LAST_REPLY_ONLY = '''
 def chat_to_rows(messages):
@@ -495,14 +491,12 @@ FULL_05 = {"q1_chat_to_rows": 2, "q2_row_ids_and_labels": 2, "q3_pad_batch": 2, 
            "q5_diagnose_run": 3}
 EX05_VARIANTS = {
     "correct": ({}, FULL_05),
-    "q1_last_reply_only": ({"def chat_to_rows": ROWS_LAST_REPLY_ONLY}, {**FULL_05, "q1_chat_to_rows": 0}),
-    "q2_no_generation_prompt": ({"def row_ids_and_labels": ROW_WITHOUT_GENERATION_PROMPT},
-                                {**FULL_05, "q2_row_ids_and_labels": 0}),
-    "q3_labels_padded_with_pad_id": ({"def pad_batch": PAD_LABELS_WITH_PAD_ID},
-                                     {**FULL_05, "q3_pad_batch": 0}),
-    "q4_packs_each_row": ({"def pack_wrapped": PACK_EACH_ROW}, {**FULL_05, "q4_pack_wrapped": 0}),
-    "q5_train_loss_only": ({"def diagnose_run": DIAGNOSE_TRAIN_LOSS_ONLY}, {**FULL_05, "q5_diagnose_run": 0}),
-    "q5_frozen_and_slow_swapped": ({"def diagnose_run": DIAGNOSE_SWAPPED}, {**FULL_05, "q5_diagnose_run": 0}),
+    "q1_last_reply_only": loses(FULL_05, "chat_to_rows", ROWS_LAST_REPLY_ONLY),
+    "q2_no_generation_prompt": loses(FULL_05, "row_ids_and_labels", ROW_WITHOUT_GENERATION_PROMPT),
+    "q3_labels_padded_with_pad_id": loses(FULL_05, "pad_batch", PAD_LABELS_WITH_PAD_ID),
+    "q4_packs_each_row": loses(FULL_05, "pack_wrapped", PACK_EACH_ROW),
+    "q5_train_loss_only": loses(FULL_05, "diagnose_run", DIAGNOSE_TRAIN_LOSS_ONLY),
+    "q5_frozen_and_slow_swapped": loses(FULL_05, "diagnose_run", DIAGNOSE_SWAPPED),
 }
 BT_NAIVE = '''
 def bradley_terry_loss(chosen, rejected):
@@ -524,17 +518,12 @@ FULL_06 = {"q1_bradley_terry_loss": 2, "q2_pairwise_accuracy": 1, "q3_last_token
            "q4_calibration_verdicts": 2}
 EX06_VARIANTS = {
     "correct": ({}, FULL_06),
-    "q1_naive_log_of_sigmoid": ({"def bradley_terry_loss": BT_NAIVE},
-                                {**FULL_06, "q1_bradley_terry_loss": 0}),
-    "q1_swapped": ({"def bradley_terry_loss": BT_SWAPPED}, {**FULL_06, "q1_bradley_terry_loss": 0}),
-    "q2_ties_count": ({"def pairwise_accuracy": ACCURACY_TIES_COUNT},
-                      {**FULL_06, "q2_pairwise_accuracy": 0}),
-    "q3_last_column": ({"def last_token_scores": SCORES_LAST_COLUMN},
-                       {**FULL_06, "q3_last_token_scores": 0}),
-    "q4_no_allowance_for_chance": ({"def calibration_verdicts": CALIBRATION_NO_NOISE},
-                                   {**FULL_06, "q4_calibration_verdicts": 0}),
-    "q4_big_margins_are_overconfident": ({"def calibration_verdicts": CALIBRATION_BIG_MARGINS},
-                                         {**FULL_06, "q4_calibration_verdicts": 0}),
+    "q1_naive_log_of_sigmoid": loses(FULL_06, "bradley_terry_loss", BT_NAIVE),
+    "q1_swapped": loses(FULL_06, "bradley_terry_loss", BT_SWAPPED),
+    "q2_ties_count": loses(FULL_06, "pairwise_accuracy", ACCURACY_TIES_COUNT),
+    "q3_last_column": loses(FULL_06, "last_token_scores", SCORES_LAST_COLUMN),
+    "q4_no_allowance_for_chance": loses(FULL_06, "calibration_verdicts", CALIBRATION_NO_NOISE),
+    "q4_big_margins_are_overconfident": loses(FULL_06, "calibration_verdicts", CALIBRATION_BIG_MARGINS),
 }
 GAE_FORWARDS = '''
 def gae(rewards, values, mask, gamma, lam):
@@ -579,17 +568,13 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, eps):
 FULL_07 = {"q1_gae": 2, "q2_shaped_rewards": 1, "q3_ppo_clip_loss": 2, "q4_read_kl_sweep": 2}
 EX07_VARIANTS = {
     "correct": ({}, FULL_07),
-    "q1_advantages_not_reversed": ({"def gae": GAE_FORWARDS}, {**FULL_07, "q1_gae": 0}),
-    "q1_bootstraps_from_padding": ({"def gae": GAE_BOOTSTRAPS_FROM_PADDING},
-                                   {**FULL_07, "q1_gae": 0}),
-    "q2_score_at_last_column": ({"def shaped_rewards": SCORE_AT_LAST_COLUMN},
-                                {**FULL_07, "q2_shaped_rewards": 0}),
-    "q3_clip_on_the_wrong_side": ({"def ppo_clip_loss": CLIP_WRONG_SIDE},
-                                  {**FULL_07, "q3_ppo_clip_loss": 0}),
-    "q3_no_clip": ({"def ppo_clip_loss": CLIP_MISSING}, {**FULL_07, "q3_ppo_clip_loss": 0}),
-    "q4_deploys_by_proxy": ({"def read_kl_sweep": SWEEP_BY_PROXY}, {**FULL_07, "q4_read_kl_sweep": 0}),
-    "q4_assumes_sorted_rows": ({"def read_kl_sweep": SWEEP_ASSUMES_SORTED},
-                               {**FULL_07, "q4_read_kl_sweep": 0}),
+    "q1_advantages_not_reversed": loses(FULL_07, "gae", GAE_FORWARDS),
+    "q1_bootstraps_from_padding": loses(FULL_07, "gae", GAE_BOOTSTRAPS_FROM_PADDING),
+    "q2_score_at_last_column": loses(FULL_07, "shaped_rewards", SCORE_AT_LAST_COLUMN),
+    "q3_clip_on_the_wrong_side": loses(FULL_07, "ppo_clip_loss", CLIP_WRONG_SIDE),
+    "q3_no_clip": loses(FULL_07, "ppo_clip_loss", CLIP_MISSING),
+    "q4_deploys_by_proxy": loses(FULL_07, "read_kl_sweep", SWEEP_BY_PROXY),
+    "q4_assumes_sorted_rows": loses(FULL_07, "read_kl_sweep", SWEEP_ASSUMES_SORTED),
 }
 LOGPROB_NO_SHIFT = '''
 def sequence_logprob(logits, input_ids, completion_mask):
@@ -626,16 +611,13 @@ def preference_accuracy(chosen_rewards, rejected_rewards):
 FULL_08 = {"q1_sequence_logprob": 2, "q2_dpo_loss": 2, "q3_preference_accuracy": 1, "q4_diagnose_dpo": 2}
 EX08_VARIANTS = {
     "correct": ({}, FULL_08),
-    "q1_no_shift": ({"def sequence_logprob": LOGPROB_NO_SHIFT}, {**FULL_08, "q1_sequence_logprob": 0}),
-    "q1_padding_not_masked": ({"def sequence_logprob": LOGPROB_PADDING_NOT_MASKED},
-                              {**FULL_08, "q1_sequence_logprob": 0}),
-    "q2_reference_terms_swapped": ({"def dpo_loss": DPO_REFERENCE_SWAPPED},
-                                   {**FULL_08, "q2_dpo_loss": 0}),
-    "q2_beta_misplaced": ({"def dpo_loss": DPO_BETA_MISPLACED}, {**FULL_08, "q2_dpo_loss": 0}),
-    "q3_ties_count_as_wins": ({"def preference_accuracy": ACCURACY_TIES_COUNT},
-                              {**FULL_08, "q3_preference_accuracy": 0}),
-    "q4_accuracies_only": ({"def diagnose_dpo": DPO_ACCURACY_ONLY}, {**FULL_08, "q4_diagnose_dpo": 0}),
-    "q4_training_accuracy_only": ({"def diagnose_dpo": DPO_TRAIN_ONLY}, {**FULL_08, "q4_diagnose_dpo": 0}),
+    "q1_no_shift": loses(FULL_08, "sequence_logprob", LOGPROB_NO_SHIFT),
+    "q1_padding_not_masked": loses(FULL_08, "sequence_logprob", LOGPROB_PADDING_NOT_MASKED),
+    "q2_reference_terms_swapped": loses(FULL_08, "dpo_loss", DPO_REFERENCE_SWAPPED),
+    "q2_beta_misplaced": loses(FULL_08, "dpo_loss", DPO_BETA_MISPLACED),
+    "q3_ties_count_as_wins": loses(FULL_08, "preference_accuracy", ACCURACY_TIES_COUNT),
+    "q4_accuracies_only": loses(FULL_08, "diagnose_dpo", DPO_ACCURACY_ONLY),
+    "q4_training_accuracy_only": loses(FULL_08, "diagnose_dpo", DPO_TRAIN_ONLY),
 }
 PERPLEXITY_PADDING_COUNTED = '''
 def batch_perplexity(logits, input_ids, attention_mask):
@@ -674,30 +656,22 @@ FULL_09 = {"q1_batch_perplexity": 2, "q2_normalized_exact_match": 1, "q3_swapped
            "q4_win_verdict": 2}
 EX09_VARIANTS = {
     "correct": ({}, FULL_09),
-    "q1_padding_counted": ({"def batch_perplexity": PERPLEXITY_PADDING_COUNTED},
-                           {**FULL_09, "q1_batch_perplexity": 0}),
-    "q1_mean_of_sequence_perplexities": ({"def batch_perplexity": PERPLEXITY_MEAN_OF_SEQUENCES},
-                                         {**FULL_09, "q1_batch_perplexity": 0}),
-    "q2_articles_removed_inside_words": ({"def normalized_exact_match": EXACT_MATCH_ARTICLES_AS_SUBSTRINGS},
-                                         {**FULL_09, "q2_normalized_exact_match": 0}),
-    "q3_one_order_only": ({"def swapped_win_rate": WIN_RATE_ONE_ORDER},
-                          {**FULL_09, "q3_swapped_win_rate": 0}),
-    "q3_ties_count_as_losses": ({"def swapped_win_rate": WIN_RATE_TIES_AS_LOSSES},
-                                {**FULL_09, "q3_swapped_win_rate": 0}),
-    "q4_more_wins_is_better": ({"def win_verdict": WIN_MORE_WINS}, {**FULL_09, "q4_win_verdict": 0}),
-    "q4_fixed_five_points": ({"def win_verdict": WIN_FIXED_MARGIN}, {**FULL_09, "q4_win_verdict": 0}),
+    "q1_padding_counted": loses(FULL_09, "batch_perplexity", PERPLEXITY_PADDING_COUNTED),
+    "q1_mean_of_sequence_perplexities": loses(FULL_09, "batch_perplexity", PERPLEXITY_MEAN_OF_SEQUENCES),
+    "q2_articles_removed_inside_words": loses(FULL_09, "normalized_exact_match",
+                                              EXACT_MATCH_ARTICLES_AS_SUBSTRINGS),
+    "q3_one_order_only": loses(FULL_09, "swapped_win_rate", WIN_RATE_ONE_ORDER),
+    "q3_ties_count_as_losses": loses(FULL_09, "swapped_win_rate", WIN_RATE_TIES_AS_LOSSES),
+    "q4_more_wins_is_better": loses(FULL_09, "win_verdict", WIN_MORE_WINS),
+    "q4_fixed_five_points": loses(FULL_09, "win_verdict", WIN_FIXED_MARGIN),
 }
 FULL_10 = {"q1_read_soft_prompt": 2, "q2_prefix_key_shape": 1}
 EX10_VARIANTS = {
     "correct": ({}, FULL_10),
-    "q1_any_mlp_means_prefix": ({"def read_soft_prompt": SOFT_PROMPT_ANY_MLP},
-                                {**FULL_10, "q1_read_soft_prompt": 0}),
-    "q1_query_width": ({"def read_soft_prompt": SOFT_PROMPT_QUERY_WIDTH},
-                       {**FULL_10, "q1_read_soft_prompt": 0}),
-    "q2_query_heads": ({"def prefix_key_shape": KEY_SHAPE_QUERY_HEADS},
-                       {**FULL_10, "q2_prefix_key_shape": 0}),
-    "q2_positions_before_heads": ({"def prefix_key_shape": KEY_SHAPE_POSITIONS_FIRST},
-                                  {**FULL_10, "q2_prefix_key_shape": 0}),
+    "q1_any_mlp_means_prefix": loses(FULL_10, "read_soft_prompt", SOFT_PROMPT_ANY_MLP),
+    "q1_query_width": loses(FULL_10, "read_soft_prompt", SOFT_PROMPT_QUERY_WIDTH),
+    "q2_query_heads": loses(FULL_10, "prefix_key_shape", KEY_SHAPE_QUERY_HEADS),
+    "q2_positions_before_heads": loses(FULL_10, "prefix_key_shape", KEY_SHAPE_POSITIONS_FIRST),
 }
 EXERCISE_VARIANTS = {"ex00_warmup": EX00_VARIANTS, "ex01_memory": EX01_VARIANTS,
                      "ex02_lora": EX02_VARIANTS, "ex03_adapters_ia3": EX03_VARIANTS,
