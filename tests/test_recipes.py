@@ -218,7 +218,7 @@ NOT_TRAINING = {
                       "rank (alpha = 2r)", '"LoRA r=8": rank_sweep[8]', '"DoRA r=4": lora_run(4',
                       '"rslora_r8_accuracy"', '"dora_r4_accuracy"',
                       "r: int = 8, alpha: float = 16",  # LoRALinear, written in the lesson
-                      "of LoRA r=8's accuracy from d =", "a random subspace matches LoRA r=8",
+                      "of LoRA r=8's accuracy from d =", "trainable numbers than LoRA r=8 is not",
                       # labels of runs and plot shading, not settings
                       'f"r=1, all seven (', 'f"r=8, {name} (', 'alpha=0.1, label="d90',
                       "within the noise of LoRA r=8's accuracy", 'f"  LoRA r=8: {lora_accuracy'],
@@ -260,3 +260,18 @@ def test_no_training_setting_is_typed_outside_the_recipes():
              for line in text.splitlines() if SETTING.search(line) and "!r:" not in line
              and not any(allowed in line for allowed in NOT_TRAINING.get(name, []))]
     assert not typed, "training settings typed outside configs/recipes:\n" + "\n".join(typed)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "colab", "rehearsal"])
+def test_grpo_recipes_choose_activation_checkpointing_themselves(profile, tmp_path):
+    """trl's GRPOConfig turns checkpointing on through transformers' deprecated name, which warns in
+    lesson 09's output, unless the recipe says what it wants."""
+    import warnings
+
+    from trl import GRPOConfig
+
+    recipe = load_recipe("grpo", profile)
+    assert "activation_checkpointing" in recipe.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        GRPOConfig(output_dir=str(tmp_path), **recipe.training, use_cpu=True, report_to=[])
