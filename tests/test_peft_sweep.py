@@ -33,7 +33,8 @@ def test_the_committed_sweep_matches_todays_recipe_and_grid(record):
     assert len(record["seeds"]) >= 3, "an interval over seeds needs at least three of them"
     for method in record["methods"]:
         assert record["recipe_rates"][method] == recipe.learning_rates[method]
-        assert record["learning_rates"][method] == peft_comparison.rate_grid(recipe.learning_rates[method])
+        grid = peft_comparison.rate_grid(recipe.learning_rates[method])
+        assert record["learning_rates"][method][:3] == grid
     cells = [(run["method"], run["learning_rate"], run["seed"]) for run in record["runs"]]
     expected = {(m, rate, seed) for m in record["methods"] for rate in record["learning_rates"][m]
                 for seed in record["seeds"]}
@@ -43,6 +44,38 @@ def test_the_committed_sweep_matches_todays_recipe_and_grid(record):
         assert 0 <= run["heldout_accuracy"] <= 1 and run["heldout_loss"] > 0
         # accuracies are counts of the 120 questions
         assert math.isclose(run["heldout_accuracy"] * 120, round(run["heldout_accuracy"] * 120), abs_tol=1e-6)
+
+
+def one_step(rate, direction):
+    """The next rate on the 1-3-10 grid, up (+1) or down (-1)."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    first_digit = round(rate / 10 ** exponent)
+    steps = {(1, 1): 3, (3, 1): 10, (1, -1): 0.3, (3, -1): 1}
+    return float(f"{steps[(first_digit, direction)] * 10 ** exponent:.1g}")
+
+
+def test_the_search_steps_past_an_edge_until_it_brackets_the_best_rate(record):
+    """Each rate beyond the first three was added because the lowest mean held-out loss so far sat
+    at the edge it lies past; the search stops once the lowest is inside, or after
+    ``max_extensions`` steps."""
+    assert one_step(3e-3, 1) == 1e-2 and one_step(1e-3, -1) == 3e-4 and one_step(1e-2, 1) == 3e-2
+    bracketed = 0
+    for method in record["methods"]:
+        rates = record["learning_rates"][method]
+        loss = {rate: statistics.fmean(r["heldout_loss"] for r in record["runs"]
+                                       if r["method"] == method and r["learning_rate"] == rate)
+                for rate in rates}
+        for tried in range(3, len(rates) + 1):
+            so_far = sorted(rates[:tried])
+            best = min(so_far, key=loss.get)
+            at_edge = best in (so_far[0], so_far[-1])
+            if tried < len(rates):
+                assert at_edge, f"{method}: {rates[tried]} was added with the best rate inside"
+                assert rates[tried] == one_step(best, 1 if best == so_far[-1] else -1), method
+            else:
+                assert not at_edge or tried - 3 == record["max_extensions"], f"{method}: stopped at an edge"
+                bracketed += not at_edge
+    assert bracketed == len(record["methods"]), "every method's best rate lies inside the rates tried"
 
 
 def independent_ranking(record):
