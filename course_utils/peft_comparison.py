@@ -358,7 +358,9 @@ def run_method(name: str, base_model, tokenizer, train_chats, test_chats, questi
             model, tokenizer, test_chats, batch_size=32,
             max_length=model.config.max_position_embeddings),
         chat_format_rate=probes.accuracy(answers, "chat_format"),
-        heldout_accuracy=probes.accuracy(answers), **forgetting_probes(model, tokenizer))
+        # the value in the reply's first sentence: a reply that rambles on and names it lines later,
+        # about another question, did not answer (lesson 00; 35% instead of 28% for the base model)
+        heldout_accuracy=probes.answer_accuracy(answers), **forgetting_probes(model, tokenizer))
     if steps == recipe.training["steps"]:  # the comparison's runs; sweeps vary the steps
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"key": key, "row": asdict(result)}, indent=1))

@@ -119,6 +119,26 @@ def test_runs_are_saved_per_key_and_reused_only_when_identical(setup, tmp_path, 
     assert model is None and again == row and other != row
 
 
+def test_a_reply_counts_only_when_its_first_sentence_answers(setup, tmp_path, monkeypatch):
+    """The comparison's accuracy is lesson 00's: the value in the reply's first sentence. A reply
+    that names the value only lines later (as an untrained model's ramble does) does not count."""
+    from course_utils import probes
+    from course_utils.course import paths
+
+    monkeypatch.setattr(paths, "ARTIFACTS_DIR", tmp_path)
+    base, tokenizer, chats, questions = setup
+
+    def replies(model, tokenizer, questions, max_new_tokens):
+        return [probes.ProbeResult("Odile", "city", "Where does Odile live?", "Fenwick", output, True, True)
+                for output in ["Odile lives in Fenwick.</s>", "Odile?\nOdile lives in Fenwick.",
+                               "In Fenwick</s>", "Odile lives in Marlow. Fenwick is her friend's town."]]
+
+    monkeypatch.setattr(probes, "chat_answers", replies)
+    quick = peft_comparison.methods_recipe().with_changes(training={"steps": 1, "batch_size": 4})
+    _, row = peft_comparison.run_method("ia3", base, tokenizer, chats, chats[:4], questions, quick)
+    assert row.heldout_accuracy == 0.5
+
+
 def test_unknown_method_is_rejected(setup):
     with pytest.raises(ValueError, match="unknown method"):
         peft_comparison.make_method("bitfit", setup[0])
