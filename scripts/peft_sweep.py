@@ -10,7 +10,7 @@ the lessons. The rows go to ``peft_sweep/results.json`` with the recipe's hash a
 the code that trained them; ``tests/test_peft_sweep.py`` checks that the file matches today's
 recipe and that lesson 05's ranking follows from it.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/peft_sweep.py   # about an hour of CPU
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/peft_sweep.py   # about half an hour of CPU
 
 Each run is saved under ``artifacts/peft_runs/`` as the lessons save theirs, so an interrupted
 sweep resumes where it stopped, and runs the lessons already made (seed 0 at the recipe's rate)
